@@ -1,0 +1,104 @@
+"""The unified 8-tokens-per-note representation (PAPER_NOTES §1): the only place ids live.
+
+Each note is `[Pitch, IOI, Velocity, Duration, Pedal1, Pedal2, Pedal3, Pedal4]`; ids are laid
+out exactly as in the reference implementation so checkpoints are interchangeable.  Encoding
+and decoding are vectorised with numpy and produce the reference's ids bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pianist_jax import midi
+
+TOKENIZER_VERSION = "pt-unified-8/1"
+
+PAD, MASK, BOS, EOS, PLAY = 0, 1, 2, 3, 4
+PITCH_START = 5  # pitch 0..127      -> 5..132
+VELOCITY_START = 133  # velocity 0..127 -> 133..260
+TIME_START = 261  # ms 0..4999 (IOI and duration) -> 261..5260
+PEDAL_START = 5261  # CC64 value 0..127 -> 5261..5388
+VOCAB_SIZE = 5389
+TOKENS_PER_NOTE = 8
+MAX_IOI_MS = 4990  # IOI ids stop at 261 + 4990; also the pedal gap assumed after the last note
+MIN_RENDER_IOI_MS = 5  # a rendering keeps IOI >= 5 ms where the score's IOI is > 0
+
+SLOT_NAMES = ("pitch", "ioi", "velocity", "duration", "pedal1", "pedal2", "pedal3", "pedal4")
+PITCH, IOI, VELOCITY, DURATION = 0, 1, 2, 3
+# Valid id range [lo, hi) of each slot: clamp when encoding, mask when sampling.
+SLOT_RANGES = np.array(
+    [(PITCH_START, PITCH_START + 128),
+     (TIME_START, TIME_START + MAX_IOI_MS + 1),
+     (VELOCITY_START, VELOCITY_START + 128),
+     (TIME_START, TIME_START + 5000)] + [(PEDAL_START, PEDAL_START + 128)] * 4,
+    dtype=np.int64)
+_SLOT_OFFSET = np.array([PITCH_START, TIME_START, VELOCITY_START, TIME_START] + [PEDAL_START] * 4)
+
+
+def pedal_at(notes: midi.Notes, times_ms: np.ndarray) -> np.ndarray:
+    """Last CC64 value at or before each (integer or fractional) time; 0 before any event."""
+    values = np.concatenate([[0], notes.pedal_value])  # index 0: "no event yet"
+    return values[np.searchsorted(notes.pedal_ms, np.floor(times_ms), side="right")]
+
+
+def encode_notes(notes: midi.Notes) -> np.ndarray:
+    """Normalised notes -> int32 ids of shape [8 * N]."""
+    onset = notes.onset.astype(np.int64)
+    ioi = np.diff(onset, prepend=0)
+    gap_next = np.append(ioi[1:], MAX_IOI_MS)  # pedal is sampled over the *raw* next gap
+    # Sample k at onset + gap*k/4: the last integer-ms event at or before it is found via
+    # the floor, which is exact integer arithmetic.
+    sample = onset[:, None] + (gap_next[:, None] * np.arange(4)) // 4
+    raw = np.concatenate([
+        np.stack([notes.pitch, ioi, notes.velocity, notes.duration], 1),
+        pedal_at(notes, sample)], axis=1) + _SLOT_OFFSET
+    ids = np.clip(raw, SLOT_RANGES[:, 0], SLOT_RANGES[:, 1] - 1)
+    return ids.reshape(-1).astype(np.int32)
+
+
+def encode_file(path) -> np.ndarray:
+    """The normalised token ids of a MIDI file (length 8 x notes); the reference's ids."""
+    return encode_notes(midi.read_midi(path))
+
+
+def _check_ids(ids: np.ndarray, name: str) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size % TOKENS_PER_NOTE:
+        raise ValueError(f"{name}: length {ids.size} is not a multiple of {TOKENS_PER_NOTE}")
+    return ids.reshape(-1, TOKENS_PER_NOTE)
+
+
+def decode_ids(ids, score_ids=None) -> midi.Notes:
+    """Ids -> notes + CC64 events (ms). Ids outside a slot's range are clamped into it.
+
+    With `score_ids` (the score a rendering was made from), an IOI the score has as > 0 is
+    kept >= 5 ms so chords and runs do not collapse.  Pedal values are placed at the floor of
+    the 4 sample points (the reference rounds, which can land 1 ms after the sample point),
+    so encode(decode(ids)) == ids; repeats of the previous value are dropped.
+    """
+    tok = _check_ids(ids, "ids")
+    tok = np.clip(tok, SLOT_RANGES[:, 0], SLOT_RANGES[:, 1] - 1) - _SLOT_OFFSET
+    ioi = tok[:, IOI]
+    if score_ids is not None:
+        ref = _check_ids(score_ids, "score_ids")
+        if len(ref) != len(tok):
+            raise ValueError(f"score_ids has {len(ref)} notes but ids has {len(tok)}")
+        ioi = np.where(ref[:, IOI] - TIME_START > 0, np.maximum(ioi, MIN_RENDER_IOI_MS), ioi)
+    onset = np.cumsum(ioi)
+    gap_next = np.append(ioi[1:], MAX_IOI_MS)
+    when = (onset[:, None] + (gap_next[:, None] * np.arange(4)) // 4).reshape(-1)
+    value = tok[:, 4:].reshape(-1)
+    changed = value != np.concatenate([[0], value[:-1]])
+    return midi.Notes(onset=onset, offset=onset + tok[:, DURATION], pitch=tok[:, PITCH],
+                      velocity=tok[:, VELOCITY], pedal_ms=when[changed], pedal_value=value[changed])
+
+
+def decode_to_midi(ids, out_path, score_ids=None) -> midi.Notes:
+    """Write ids as a ms-timed MIDI file (500 tpb, 120 BPM); returns the decoded notes."""
+    notes = decode_ids(ids, score_ids)
+    midi.write_midi(notes, out_path)
+    return notes
+
+
+def slot_of_position(positions: np.ndarray) -> np.ndarray:
+    """Slot index (0..7) of each token position in a note-aligned sequence."""
+    return np.asarray(positions) % TOKENS_PER_NOTE
