@@ -67,13 +67,42 @@ def _check_ids(ids: np.ndarray, name: str) -> np.ndarray:
     return ids.reshape(-1, TOKENS_PER_NOTE)
 
 
+def _stretch_capped_gaps(ioi: np.ndarray, duration: np.ndarray, pitch: np.ndarray) -> np.ndarray:
+    """Lengthen capped IOIs so every note ends at or before the next onset of its pitch.
+
+    Without this, a note whose duration was capped at 4999 ms can overrun a same-pitch note
+    whose gap was capped at 4990 ms, and the reader would cut it (the reference decoder has
+    this defect).  Only capped gaps move, each by the smallest amount that suffices.
+    """
+    capped = np.flatnonzero(ioi >= MAX_IOI_MS)
+    if not len(capped):
+        return ioi
+    ioi = ioi.copy()
+    n = len(ioi)
+    by_pitch = np.lexsort((np.arange(n), pitch))
+    nxt = np.full(n, -1)
+    same = pitch[by_pitch[1:]] == pitch[by_pitch[:-1]]
+    nxt[by_pitch[:-1][same]] = by_pitch[1:][same]
+    for i in capped.tolist():
+        held = np.flatnonzero(nxt[:i] >= i)  # notes before i whose next same-pitch note is >= i
+        if not len(held):
+            continue
+        onset = np.cumsum(ioi)
+        # onset of nxt[k] moves with onset[i]; it must not come before the end of k
+        need = onset[held] + duration[held] - (onset[nxt[held]] - onset[i])
+        ioi[i] += max(0, int(need.max() - onset[i]))
+    return ioi
+
+
 def decode_ids(ids, score_ids=None) -> midi.Notes:
     """Ids -> notes + CC64 events (ms). Ids outside a slot's range are clamped into it.
 
     With `score_ids` (the score a rendering was made from), an IOI the score has as > 0 is
     kept >= 5 ms so chords and runs do not collapse.  Pedal values are placed at the floor of
     the 4 sample points (the reference rounds, which can land 1 ms after the sample point),
-    so encode(decode(ids)) == ids; repeats of the previous value are dropped.
+    so encode(decode(ids)) == ids; repeats of the previous value are dropped.  A capped IOI
+    (4990 ms means "4990 ms or more") is stretched just enough that no held note is cut by a
+    later note of its pitch, which keeps that round trip exact too.
     """
     tok = _check_ids(ids, "ids")
     tok = np.clip(tok, SLOT_RANGES[:, 0], SLOT_RANGES[:, 1] - 1) - _SLOT_OFFSET
@@ -83,6 +112,7 @@ def decode_ids(ids, score_ids=None) -> midi.Notes:
         if len(ref) != len(tok):
             raise ValueError(f"score_ids has {len(ref)} notes but ids has {len(tok)}")
         ioi = np.where(ref[:, IOI] - TIME_START > 0, np.maximum(ioi, MIN_RENDER_IOI_MS), ioi)
+    ioi = _stretch_capped_gaps(ioi, tok[:, DURATION], tok[:, PITCH])
     onset = np.cumsum(ioi)
     gap_next = np.append(ioi[1:], MAX_IOI_MS)
     when = (onset[:, None] + (gap_next[:, None] * np.arange(4)) // 4).reshape(-1)

@@ -1,0 +1,170 @@
+"""MIDI reading semantics, normalisation, the writer, and bad input."""
+import struct
+import warnings
+
+import mido
+import numpy as np
+import pytest
+
+from pianist_jax import midi
+from midi_fixtures import note_track, save, simple_file
+
+
+def msgs_track(*events):
+    """events: (delta, Message) pairs."""
+    return mido.MidiTrack([m.copy(time=d) for d, m in events])
+
+
+def on(note, vel=64, ch=0):
+    return mido.Message("note_on", note=note, velocity=vel, channel=ch)
+
+
+def off(note, ch=0, zero_velocity_on=False):
+    if zero_velocity_on:
+        return mido.Message("note_on", note=note, velocity=0, channel=ch)
+    return mido.Message("note_off", note=note, channel=ch)
+
+
+def cc64(value, ch=0):
+    return mido.Message("control_change", control=64, value=value, channel=ch)
+
+
+def test_fifo_pairing_and_velocity_zero_is_note_off(tmp_path):
+    # two overlapping note_ons of one pitch: the first note_off closes the first note_on
+    tr = msgs_track((0, on(60, 10)), (480, on(60, 20)), (480, off(60, zero_velocity_on=True)),
+                    (480, off(60)), (0, off(60)))  # the last note_off is spurious: ignored
+    notes = midi.read_midi(save(tmp_path / "a.mid", [tr]))
+    # ms at 120 BPM default tempo, 480 tpb: 1 beat = 500 ms. Raw notes [0,1000] v10, [500,1500] v20;
+    # the earlier one is cut at the next onset.
+    assert notes.onset.tolist() == [0, 500]
+    assert notes.offset.tolist() == [500, 1500]
+    assert notes.velocity.tolist() == [10, 20]
+
+
+def test_global_tempo_map_from_all_tracks(tmp_path):
+    tempo = msgs_track((0, mido.MetaMessage("set_tempo", tempo=1_000_000)),
+                       (960, mido.MetaMessage("set_tempo", tempo=250_000)))
+    notes = note_track([(0, 480, 60, 80), (960, 1440, 62, 80), (1440, 1920, 64, 80)])
+    got = midi.read_midi(save(tmp_path / "t.mid", [tempo, notes]))
+    # 60 BPM for 2 beats (2000 ms), then 240 BPM (250 ms per beat)
+    assert got.onset.tolist() == [0, 2000, 2250]
+    assert got.offset.tolist() == [1000, 2250, 2500]
+
+
+def test_drums_dropped_pedal_from_all_tracks(tmp_path):
+    piano = note_track([(0, 480, 60, 80)], channel=0,
+                       extra=[(100, cc64(127)), (400, cc64(0))])
+    right = note_track([(480, 960, 72, 90)], channel=1, extra=[(600, cc64(100, ch=1))])
+    drums = note_track([(0, 240, 36, 100)], channel=9, extra=[(50, cc64(127, ch=9))])
+    got = midi.read_midi(save(tmp_path / "d.mid", [piano, right, drums]))
+    assert got.pitch.tolist() == [60, 72]
+    t = lambda ticks: round(ticks * 500 / 480)
+    assert got.pedal_ms.tolist() == [t(100), t(400), t(600)]
+    assert got.pedal_value.tolist() == [127, 0, 100]
+
+
+def test_zero_length_and_same_pitch_overlap(tmp_path):
+    tr = note_track([(0, 0, 60, 80), (480, 2000, 62, 80), (960, 1200, 62, 90), (960, 1300, 64, 1)])
+    got = midi.read_midi(save(tmp_path / "z.mid", [tr]))
+    assert got.onset.tolist() == [0, 500, 1000, 1000]
+    assert got.pitch.tolist() == [60, 62, 62, 64]
+    # FIFO: the note_off at 1200 closes the 62 from 480, the one at 2000 the 62 from 960;
+    # the first is then cut at the second's onset.
+    assert (got.offset - got.onset).tolist() == [1, 500, 1083, 354]
+
+
+def test_unclosed_note_closed_at_end_with_warning(tmp_path):
+    tr = msgs_track((0, on(60)), (480, on(64)), (480, off(64)), (960, mido.MetaMessage("end_of_track")))
+    with pytest.warns(midi.MidiWarning, match="without note_off"):
+        got = midi.read_midi(save(tmp_path / "u.mid", [tr]))
+    assert got.pitch.tolist() == [60, 64]
+    assert got.offset.tolist() == [2000, 1000]  # closed at the last event of the file
+
+
+def test_out_of_range_data_byte_clipped_with_warning(tmp_path):
+    path = simple_file(tmp_path / "c.mid")
+    data = bytearray(path.read_bytes())
+    i = data.index(bytes([0x90, 60]))  # first note_on: status, pitch 60, velocity 64
+    data[i + 2] = 0xC8  # velocity byte 200 (> 127)
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(bytes(data))
+    with pytest.warns(midi.MidiWarning, match="clipped out-of-range data bytes"):
+        got = midi.read_midi(bad)
+    assert got.velocity[0] == 127
+
+
+def test_undecodable_meta_message_skipped(tmp_path):
+    path = simple_file(tmp_path / "m.mid")
+    mf = mido.MidiFile(path)
+    mf.tracks[0].insert(0, mido.MetaMessage("key_signature", key="C"))
+    mf.save(path)
+    data = bytearray(path.read_bytes())
+    i = data.index(bytes([0xFF, 0x59, 0x02]))
+    data[i + 3] = 0x40  # 64 sharps: not a key
+    path.write_bytes(bytes(data))
+    with pytest.warns(midi.MidiWarning, match="skipped undecodable meta 0x59"):
+        got = midi.read_midi(path)
+    assert len(got) == 8
+
+
+def _header(fmt, ntracks, division):
+    return b"MThd" + struct.pack(">IhhH", 6, fmt, ntracks, division)
+
+
+def bad_files(tmp_path):
+    """name -> (path, expected error class, message fragment)."""
+    good = simple_file(tmp_path / "good.mid").read_bytes()
+    cases = {
+        "truncated": (good[: len(good) // 2], midi.MidiParseError, "truncated"),
+        "garbage": (bytes(range(256)) * 4, midi.MidiParseError, "not a MIDI file"),
+        "wrong_header": (b"MThd" + b"\x00\x00\x00\x06\x00\x01\x00\x01\x01\xe0" + b"XXXX" + good[18:],
+                         midi.MidiParseError, "MTrk"),
+        "smpte": (_header(1, 1, 0xE728) + good[14:], midi.UnsupportedMidiError, "SMPTE"),
+        "type2": (_header(2, 1, 480) + good[14:], midi.UnsupportedMidiError, "type-2"),
+        "empty": (b"", midi.MidiParseError, "empty file"),
+    }
+    out = {}
+    for name, (data, err, frag) in cases.items():
+        p = tmp_path / f"{name}.mid"
+        p.write_bytes(data)
+        out[name] = (p, err, frag)
+    out["no_notes"] = (save(tmp_path / "no_notes.mid", [msgs_track((0, cc64(127)))]),
+                       midi.EmptyMidiError, "no notes")
+    out["drums_only"] = (save(tmp_path / "drums.mid", [note_track([(0, 100, 36, 90)], channel=9)]),
+                         midi.DrumsOnlyMidiError, "drum")
+    return out
+
+
+def test_bad_files_give_specific_errors(tmp_path):
+    for name, (path, err, frag) in bad_files(tmp_path).items():
+        with pytest.raises(err, match=frag) as info:
+            midi.read_midi(path)
+        assert isinstance(info.value, midi.MidiError)
+        assert str(path) in str(info.value), name
+
+
+def test_writer_round_trip_and_event_order(tmp_path):
+    notes = midi.Notes(onset=np.array([0, 100, 100, 250]), offset=np.array([100, 200, 180, 400]),
+                       pitch=np.array([60, 60, 64, 67]), velocity=np.array([50, 60, 70, 0]),
+                       pedal_ms=np.array([0, 100, 300]), pedal_value=np.array([127, 0, 64]))
+    path = tmp_path / "w.mid"
+    with pytest.warns(midi.MidiWarning, match="velocities"):
+        midi.write_midi(notes, path)
+    mf = mido.MidiFile(path)
+    assert mf.ticks_per_beat == 500 and len(mf.tracks) == 2
+    assert mf.tracks[0][0].type == "set_tempo" and mf.tracks[0][0].tempo == 500_000
+    msgs, t = [], 0
+    for m in mf.tracks[1]:
+        t += m.time
+        if m.type in ("note_on", "note_off", "control_change"):
+            msgs.append((t, m.type, getattr(m, "note", None)))
+    at_100 = [x for x in msgs if x[0] == 100]
+    assert at_100[0] == (100, "note_off", 60)  # note_off before the re-strike
+    assert at_100[-1][1] == "note_on"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = midi.read_midi(path)
+    assert back.onset.tolist() == [0, 100, 100, 250]
+    assert back.offset.tolist() == [100, 200, 180, 400]
+    assert back.velocity.tolist() == [50, 60, 70, 1]
+    assert back.pedal_ms.tolist() == [0, 100, 300]
