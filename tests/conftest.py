@@ -4,6 +4,7 @@ The environment variables must be set before anything imports jax, which is why 
 top of conftest.py (pytest imports it before any test module).
 """
 
+import json
 import os
 import re
 import sys
@@ -43,9 +44,9 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def golden_tokens() -> Path:
-    """Path of `../shared/golden/reference_tokens.json` (reference tokenizer output); skip if absent."""
+def golden_tokens() -> dict:
+    """`../shared/golden/reference_tokens.json` (reference tokenizer output), parsed; skip if absent."""
     path = SHARED / "golden" / "reference_tokens.json"
     if not path.is_file():
         pytest.skip("../shared/golden/reference_tokens.json not present")
-    return path
+    return json.loads(path.read_text())
