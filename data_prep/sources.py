@@ -7,6 +7,7 @@ list returned here is sorted, so shard contents never depend on filesystem listi
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import os
 from pathlib import Path
@@ -132,11 +133,18 @@ def read_file_list(spec: InputSpec) -> list[SourceFile]:
     return sorted(out)
 
 
-def collect_sources(inputs: list[str], file_lists: list[str]) -> list[SourceFile]:
-    """All inputs, sorted; the same path reached twice under one corpus is listed once."""
+def is_excluded(src: SourceFile, exclude: list[str]) -> bool:
+    """fnmatch against the path relative to its input root and against the file name."""
+    name = src.source.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(src.source, pat) or fnmatch.fnmatch(name, pat) for pat in exclude)
+
+
+def collect_sources(inputs: list[str], file_lists: list[str],
+                    exclude: list[str] = ()) -> list[SourceFile]:
+    """All inputs minus excluded ones, sorted; a path reached twice under one corpus is listed once."""
     files: set[SourceFile] = set()
     for text in inputs:
         files.update(expand_input(parse_input_spec(text)))
     for text in file_lists:
         files.update(read_file_list(parse_input_spec(text)))
-    return sorted(files)
+    return sorted(f for f in files if not is_excluded(f, list(exclude)))

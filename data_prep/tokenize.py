@@ -153,12 +153,13 @@ class ShardStats:
             self.bump(src.corpus, "warnings", n)
 
 
-def _settings(num_shards: int) -> dict:
+def _settings(num_shards: int, exclude: list[str] = ()) -> dict:
     from pianist_jax import tokenizer
 
     return {"tool_version": TOOL_VERSION, "tokenizer_version": tokenizer.TOKENIZER_VERSION,
             "record_format": records.FORMAT_VERSION,
-            "array_record_options": records.ARRAY_RECORD_OPTIONS, "num_shards": num_shards}
+            "array_record_options": records.ARRAY_RECORD_OPTIONS, "num_shards": num_shards,
+            "exclude": sorted(exclude)}
 
 
 def shard_is_done(out: Path, index: int, settings: dict, overwrite: bool) -> bool:
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the root directory's name, KIND (score|performance) to a guess")
     ap.add_argument("--file-list", action="append", default=[], metavar="FILE[:CORPUS[:KIND]]",
                     help="text file with one MIDI path per line (relative to the list's folder)")
+    ap.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                    help="skip files whose path (relative to its input) or name matches, e.g. "
+                         "'midi_score.mid' to keep only ASAP performances (repeatable)")
     ap.add_argument("--output", required=True, type=Path)
     ap.add_argument("--num-shards", type=int, default=8)
     ap.add_argument("--shard-index", action="append", default=[], metavar="I|A-B|I,J",
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     records.list_shards(out)  # refuses a directory that already holds another shard count
-    settings = _settings(n)
+    settings = _settings(n, args.exclude)
     command = ["python", "-m", "data_prep.tokenize", *argv]
     todo = [i for i in wanted if not shard_is_done(out, i, settings, args.overwrite)]
     if len(todo) < len(wanted):
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, out: Path, todo: list[int], settings: dict, command: list[str]) -> None:
     t0 = time.monotonic()
-    sources = collect_sources(args.input, args.file_list)
+    sources = collect_sources(args.input, args.file_list, args.exclude)
     log.info("%d input files; writing %d of %d shards", len(sources), len(todo), args.num_shards)
     with ExitStack() as stack:
         pool = None

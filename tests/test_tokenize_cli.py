@@ -297,3 +297,18 @@ def test_unexpected_errors_and_unreadable_files_are_quarantined(corpus, tmp_path
     assert reasons["e1.mid"] == "RuntimeError: boom in the tokenizer"
     assert reasons["gone.mid"].startswith("unreadable")
     assert len(read_all(out)) == 2
+
+
+def test_exclude_keeps_only_performances(corpus, tmp_path):
+    kept = sources.collect_sources([str(corpus / "pieces")], [], exclude=["midi_score.mid", "bad_*"])
+    names = {s.source for s in kept}
+    assert "Work/midi_score.mid" not in names and not any(n.startswith("bad_") for n in names)
+    assert "p0.mid" in names and "upper/LOUD.MIDI" in names
+    out = tmp_path / "ex"
+    run(corpus, out, "--exclude", "midi_score.mid")
+    manifest = json.loads((out / mm.MANIFEST).read_text())
+    assert manifest["totals"]["files"] == N_GOOD_UNIQUE - 1
+    # a resumed run with other excludes would mix datasets: refused
+    with pytest.raises(SystemExit, match="written with"):
+        tk.main(["--input", str(corpus / "pieces"), "--output", str(out), "--num-shards",
+                 str(N_SHARDS), "--workers", "0", "--no-progress", "--shard-index", "0"])
