@@ -108,13 +108,15 @@ def main() -> None:
 
     pool_rate = None
     if args.workers > 0:
-        chunksize = max(1, len(files) // (args.workers * 8))
+        # Largest files first, one at a time: the pool's tail is a small file, not a sonata.
+        by_size = sorted(files, key=lambda p: -p.stat().st_size)
+        chunksize = 1
         t0 = time.perf_counter()
         with mp.get_context("spawn").Pool(args.workers, initializer=_import_tokenizer) as pool:
             pool.map(tokenize_notes, files[:1] * args.workers, chunksize=1)  # spawn + import
             startup_s = time.perf_counter() - t0
             pool_s, pool_notes = best_of(
-                args.repeat, lambda: sum(pool.imap_unordered(tokenize_notes, files, chunksize)))
+                args.repeat, lambda: sum(pool.imap_unordered(tokenize_notes, by_size, chunksize)))
         pool_rate = row(f"(c) encode_file, {args.workers} workers", len(files), pool_notes, pool_s)
         print(f"    (pool start-up and warm-up, not timed above: {startup_s:.2f}s; "
               f"chunksize {chunksize})")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import mido
 import numpy as np
 
-from pianist_jax import midi_events
+from pianist_jax import midi_events, midi_scan
 
 MS_PER_SECOND = 1000.0  # 500 ticks/beat at 120 BPM: one output tick is one millisecond
 OUT_TICKS_PER_BEAT = 500
@@ -112,8 +112,8 @@ def _parse_error(path, err: Exception) -> MidiError:
     return MidiParseError(path, f"cannot parse MIDI: {text}")
 
 
-def parse_midi(path, data: bytes | None = None) -> mido.MidiFile:
-    """Parse strictly; on failure retry leniently (clip data bytes, skip bad meta messages)."""
+def read_bytes(path, data: bytes | None = None) -> bytes:
+    """The file's bytes, with the errors that need no parser (unreadable, empty, not MIDI)."""
     if data is None:
         try:
             with open(path, "rb") as f:
@@ -124,6 +124,12 @@ def parse_midi(path, data: bytes | None = None) -> mido.MidiFile:
         raise MidiParseError(path, "empty file (0 bytes)")
     if data[:4] != b"MThd":
         raise MidiParseError(path, "not a MIDI file (no MThd header)")
+    return data
+
+
+def parse_midi(path, data: bytes | None = None) -> mido.MidiFile:
+    """Parse with mido strictly; on failure retry leniently (clip data bytes, skip bad metas)."""
+    data = read_bytes(path, data)
     try:
         mf = mido.MidiFile(file=io.BytesIO(data))
     except Exception as strict_err:  # noqa: BLE001 - mido raises many types
@@ -138,22 +144,38 @@ def parse_midi(path, data: bytes | None = None) -> mido.MidiFile:
         repairs = ["clipped out-of-range data bytes"] + [f"skipped undecodable {s}" for s in skipped]
         warnings.warn(
             f"{path}: strict parse failed ({strict_err}); read leniently: {'; '.join(repairs)}",
-            MidiWarning, stacklevel=2)
-    _check_supported(path, mf)
+            MidiWarning, stacklevel=3)
     return mf
 
 
-def _check_supported(path, mf: mido.MidiFile) -> None:
-    if mf.ticks_per_beat <= 0:
+def _check_supported(path, fmt: int, division: int, ntracks: int) -> None:
+    if division < 0:
         raise UnsupportedMidiError(
             path, "SMPTE time division (frames per second) is not supported; "
             "re-save the file with metrical (ticks per beat) timing")
-    if mf.type == 2:
+    if division == 0:
+        raise UnsupportedMidiError(path, "time division of 0 ticks per beat")
+    if fmt == 2:
         raise UnsupportedMidiError(
             path, "type-2 MIDI (independent sequential patterns) is not supported; "
             "convert it to type 0 or 1")
-    if not mf.tracks:
+    if fmt not in (0, 1):
+        raise UnsupportedMidiError(path, f"unknown MIDI file format {fmt} (expected 0 or 1)")
+    if ntracks <= 0:
         raise EmptyMidiError(path, "file has no tracks")
+
+
+def read_events(path, data: bytes | None = None) -> tuple[int, midi_events.Events]:
+    """(ticks_per_beat, events): the fast scanner when it vouches for the file, else mido."""
+    data = read_bytes(path, data)
+    fast = midi_scan.scan(data)
+    if fast is not None:
+        fmt, division, ev = fast
+        _check_supported(path, fmt, division, len(ev.track_len))
+        return division, ev
+    mf = parse_midi(path, data)
+    _check_supported(path, mf.type, mf.ticks_per_beat, len(mf.tracks))
+    return mf.ticks_per_beat, midi_events.extract(mf)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -213,8 +235,7 @@ def normalise(onset, offset, pitch, velocity, order, pedal_ms, pedal_value) -> N
 
 def read_midi(path, data: bytes | None = None) -> Notes:
     """Read and normalise one MIDI file (see module docstring)."""
-    mf = parse_midi(path, data)
-    ev = midi_events.extract(mf)
+    ticks_per_beat, ev = read_events(path, data)
     if ev.max_tick is None:
         raise EmptyMidiError(path, "file holds no events")
     pairs = midi_events.pair_notes(ev)
@@ -229,7 +250,7 @@ def read_midi(path, data: bytes | None = None) -> Notes:
         raise EmptyMidiError(path, "no notes")
     cc_tick, cc_value = midi_events.sustain_events(ev, pairs)
     ticks = np.concatenate([pairs.start[pitched], pairs.end[pitched], cc_tick])
-    ms = _to_ms(tick_to_seconds(ticks, ev.tempo_changes, mf.ticks_per_beat, ev.max_tick))
+    ms = _to_ms(tick_to_seconds(ticks, ev.tempo_changes, ticks_per_beat, ev.max_tick))
     n = int(pitched.sum())
     return normalise(ms[:n], ms[n:2 * n], pairs.pitch[pitched], pairs.velocity[pitched],
                      pairs.order[pitched], ms[2 * n:], cc_value)
