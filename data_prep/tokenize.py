@@ -25,7 +25,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shlex
 import sys
 import time
 import warnings
