@@ -36,13 +36,18 @@ class Events:
     max_tick: int | None  # last event tick over all tracks + 1 (None: no events at all)
 
 
+def columns(flat: list, width: int) -> np.ndarray:
+    """A flat list of ints (rows laid end to end) -> int64 array [rows, width]."""
+    return np.fromiter(flat, dtype=np.int64, count=len(flat)).reshape(-1, width)
+
+
 def extract(mf: mido.MidiFile) -> Events:
     notes, progs, touches, tempo = [], [], [], [(0, DEFAULT_BPM)]
     track_len, final_prog, last_ticks = [], [], []
     for ti, track in enumerate(mf.tracks):
         tick = 0
         prog = [0] * 16
-        add_note, add_prog, add_touch = notes.append, progs.append, touches.append
+        add_note, add_prog, add_touch = notes.extend, progs.append, touches.extend
         for i, msg in enumerate(track):
             tick += msg.time
             kind = msg.type
@@ -70,9 +75,9 @@ def extract(mf: mido.MidiFile) -> Events:
         if len(track):
             last_ticks.append(tick)
     return Events(
-        note=np.array(notes, dtype=np.int64).reshape(-1, 6),
+        note=columns(notes, 6),
         note_prog=np.array(progs, dtype=np.int64),
-        touch=np.array(touches, dtype=np.int64).reshape(-1, 7),
+        touch=columns(touches, 7),
         track_len=np.array(track_len, dtype=np.int64),
         final_prog=np.array(final_prog, dtype=np.int64).reshape(-1, 16),
         tempo_changes=tempo,
@@ -152,7 +157,9 @@ def pair_notes(ev: Events) -> Pairs:
     # Instruments (track, channel, program at close), ranked by when they were created.
     inst_key = (close_track * 16 + channel) * 128 + close_prog
     created_at = close_track * (ev.track_len.max(initial=0) + len(ons_open) + 1) + close_idx
-    uniq, first = np.unique(inst_key, return_index=True)
+    by_time = np.argsort(created_at, kind="stable")  # an instrument is born at its first close
+    uniq, first = np.unique(inst_key[by_time], return_index=True)
+    first = by_time[first]
     creation_order = np.argsort(created_at[first], kind="stable")
     rank = np.empty(len(uniq), dtype=np.int64)
     rank[creation_order] = np.arange(len(uniq))
@@ -165,6 +172,28 @@ def pair_notes(ev: Events) -> Pairs:
         inst=inst.reshape(-1, 4), n_open=len(ons_open))
 
 
+def _sustain_one_program_per_channel(touch: np.ndarray, inst: np.ndarray):
+    """The common case, vectorised: every (track, channel) is only ever seen with one program.
+
+    Then a (track, channel) has at most one instrument, which ends up owning every control
+    change of that channel (earlier ones through the adopted straggler list), and channels
+    without an instrument lose theirs.  Returns None when the case does not apply.
+    """
+    tc_touch = touch[:, 1] * 16 + touch[:, 3]
+    tc_inst = inst[:, 0] * 16 + inst[:, 2]
+    tc = np.concatenate([tc_touch, tc_inst])
+    pairs = np.unique(tc * 128 + np.concatenate([touch[:, 4], inst[:, 3]]))
+    if len(pairs) != len(np.unique(tc)):
+        return None
+    rank = np.full(int(tc.max()) + 1, -1)
+    keep_inst = inst[:, 2] != 9
+    rank[tc_inst[keep_inst]] = np.flatnonzero(keep_inst)
+    r = rank[tc_touch]
+    sel = np.flatnonzero((touch[:, 5] == 64) & (r >= 0))
+    sel = sel[np.argsort(r[sel], kind="stable")]  # touches are already in (track, msg) order
+    return touch[sel, 0], touch[sel, 6]
+
+
 def sustain_events(ev: Events, pairs: Pairs):
     """CC64 (tick, value) in the reference's order: instrument by instrument, message order.
 
@@ -173,9 +202,14 @@ def sustain_events(ev: Events, pairs: Pairs):
     touch = ev.touch
     if not len(touch) or not len(pairs.inst):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    fast = _sustain_one_program_per_channel(touch, pairs.inst)
+    return fast if fast is not None else sustain_emulated(touch, pairs.inst)
+
+
+def sustain_emulated(touch: np.ndarray, inst: np.ndarray):
+    """The general case: replay miditoolkit's instrument and straggler lists event by event."""
     # Merge instrument creations and touches in (track, msg index) order; a creation sorts
     # before a touch at the same index (it cannot happen: one message is one or the other).
-    inst = pairs.inst
     rows = [(int(t), int(i), 0, int(c), int(p), 0) for t, i, c, p in inst.tolist()]
     rows += [(t, i, 1, c, p, j) for j, (_, t, i, c, p, _, _) in enumerate(touch.tolist())]
     rows.sort()

@@ -19,7 +19,7 @@ import numpy as np
 from mido import tempo2bpm
 from mido.midifiles.meta import build_meta_message
 
-from pianist_jax.midi_events import DEFAULT_BPM, PITCHWHEEL, Events
+from pianist_jax.midi_events import DEFAULT_BPM, PITCHWHEEL, Events, columns
 
 # Data bytes after the status byte, per channel-message kind (status >> 4).
 _DATA_LEN = {0x8: 2, 0x9: 2, 0xA: 2, 0xB: 2, 0xC: 1, 0xD: 1, 0xE: 2}
@@ -64,9 +64,9 @@ def scan(data: bytes) -> tuple[int, int, Events] | None:
     except (_Bail, IndexError):
         return None
     events = Events(
-        note=np.array(notes, dtype=np.int64).reshape(-1, 6),
+        note=columns(notes, 6),
         note_prog=np.array(progs, dtype=np.int64),
-        touch=np.array(touches, dtype=np.int64).reshape(-1, 7),
+        touch=columns(touches, 7),
         track_len=np.array(track_len, dtype=np.int64),
         final_prog=np.array(final_prog, dtype=np.int64).reshape(-1, 16),
         tempo_changes=tempo,
@@ -76,7 +76,7 @@ def scan(data: bytes) -> tuple[int, int, Events] | None:
 
 def _scan_track(data, i, end, ti, notes, progs, touches, tempo, final_prog):
     """One MTrk chunk body [i, end); appends to the column lists; returns (messages, tick)."""
-    add_note, add_prog, add_touch = notes.append, progs.append, touches.append
+    add_note, add_prog, add_touch = notes.extend, progs.append, touches.extend
     prog = [0] * 16
     tick = 0
     idx = 0

@@ -168,3 +168,63 @@ def test_writer_round_trip_and_event_order(tmp_path):
     assert back.offset.tolist() == [100, 200, 180, 400]
     assert back.velocity.tolist() == [50, 60, 70, 1]
     assert back.pedal_ms.tolist() == [0, 100, 300]
+
+
+def prog(p, ch=0):
+    return mido.Message("program_change", program=p, channel=ch)
+
+
+def test_pedal_follows_reference_instrument_lists(tmp_path):
+    """miditoolkit semantics the reference ids depend on (see midi_events docstring)."""
+    # Control changes before the first note wait in a straggler list that the first
+    # instrument adopts, even after a program change; later ones under another program
+    # land in the same list, which a second instrument adopts as well.
+    adopted = msgs_track((10, cc64(127)), (10, prog(5)), (10, on(60)), (10, off(60)),
+                         (10, cc64(0)), (10, prog(7)), (10, cc64(100)), (10, on(62)), (10, off(62)))
+    # A program change after the only note: the pedal goes to a new straggler list that no
+    # instrument ever adopts, so it is dropped (as in the reference).
+    lost = msgs_track((0, on(40, ch=1)), (10, off(40, ch=1)), (10, prog(3, ch=1)),
+                      (10, cc64(127, ch=1)))
+    # A channel with control changes but no notes: dropped.
+    cc_only = msgs_track((0, cc64(127, ch=2)), (500, cc64(0, ch=2)))
+    got = midi.read_midi(save(tmp_path / "lists.mid", [adopted, lost, cc_only], ticks_per_beat=500))
+    ms = lambda tick: tick  # 500 tpb at 120 BPM: 1 tick = 1 ms
+    assert got.pedal_ms.tolist() == [ms(10), ms(10), ms(50), ms(50), ms(70), ms(70)]
+    assert got.pedal_value.tolist() == [127, 127, 0, 0, 100, 100]
+
+
+def test_vectorised_pedal_path_equals_emulation(shared_data, tmp_path):
+    from pianist_jax import midi_events
+
+    files = sorted((shared_data / "asap").rglob("*.mid"))[::97]
+    files += sorted((shared_data / "unlabeled" / "pop909").glob("*.mid"))[::101]
+    checked = 0
+    for f in files:
+        _, ev = midi.read_events(f)
+        pairs = midi_events.pair_notes(ev)
+        if not len(ev.touch):
+            continue
+        fast = midi_events._sustain_one_program_per_channel(ev.touch, pairs.inst)
+        slow = midi_events.sustain_emulated(ev.touch, pairs.inst)
+        assert fast is not None, f
+        np.testing.assert_array_equal(fast[0], slow[0])
+        np.testing.assert_array_equal(fast[1], slow[1])
+        checked += 1
+    assert checked > 5
+    # a program change mid-channel: the vectorised path declines
+    path = save(tmp_path / "p.mid", [msgs_track((0, on(60)), (10, off(60)), (0, prog(2)),
+                                                (5, cc64(127)))])
+    _, ev = midi.read_events(path)
+    assert midi_events._sustain_one_program_per_channel(ev.touch, midi_events.pair_notes(ev).inst) is None
+
+
+def test_instrument_order_is_creation_order(tmp_path):
+    """An instrument is created by its first note-off, whatever its pitches: channel 0 closes
+    62 before channel 1 closes anything, so channel 0's list comes first, and at a shared
+    time channel 1's pedal value is listed last (the one a reader sees)."""
+    tr = msgs_track((0, on(60, ch=0)), (0, on(62, ch=0)), (10, off(62, ch=0)),
+                    (0, on(70, ch=1)), (5, off(70, ch=1)), (5, off(60, ch=0)),
+                    (10, cc64(100, ch=0)), (0, cc64(20, ch=1)))
+    got = midi.read_midi(save(tmp_path / "order.mid", [tr], ticks_per_beat=500))
+    assert got.pedal_ms.tolist() == [30, 30]
+    assert got.pedal_value.tolist() == [100, 20]
