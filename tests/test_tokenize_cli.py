@@ -312,3 +312,25 @@ def test_exclude_keeps_only_performances(corpus, tmp_path):
     with pytest.raises(SystemExit, match="written with"):
         tk.main(["--input", str(corpus / "pieces"), "--output", str(out), "--num-shards",
                  str(N_SHARDS), "--workers", "0", "--no-progress", "--shard-index", "0"])
+
+
+def test_every_kind_of_bad_file_is_quarantined_with_its_reason(tmp_path):
+    """The synthetic broken files of test_midi (truncated, garbage, wrong header, SMPTE,
+    type 2, empty, note-less, drums-only) next to good ones: the run finishes, writes the
+    good files and lists each bad one with the reason its MidiError gives."""
+    from test_midi import bad_files
+
+    bad_dir = tmp_path / "in"
+    bad_dir.mkdir()
+    cases = bad_files(bad_dir)
+    good = [write_midi(bad_dir / f"fine{i}.mid", seed=100 + i) for i in range(3)]
+    (bad_dir / "good.mid").unlink()  # the template bad_files() cut up; keep only the fine*.mid
+    out = tmp_path / "out"
+    assert tk.main(["--input", f"{bad_dir}:mixed", "--output", str(out), "--num-shards", "2",
+                    "--workers", "0", "--no-progress"]) == 0
+    assert sorted(r.source for r in read_all(out)) == sorted(p.name for p in good)
+    rows = (out / "quarantine.tsv").read_text().splitlines()[1:]
+    reasons = {Path(p).name: why for p, why in (line.split("\t") for line in rows)}
+    assert set(reasons) == {path.name for path, _, _ in cases.values()}
+    for path, err, fragment in cases.values():
+        assert fragment.lower() in reasons[path.name].lower(), (path.name, reasons[path.name])
