@@ -41,13 +41,49 @@ def columns(flat: list, width: int) -> np.ndarray:
     return np.fromiter(flat, dtype=np.int64, count=len(flat)).reshape(-1, width)
 
 
+class Collector:
+    """The column lists one pass over the messages fills (from mido objects or raw bytes).
+
+    Hot loops bind `notes.extend` / `progs.append` / `touches.extend` locally and add rows
+    laid end to end; tempo and track bookkeeping go through the methods.
+    """
+
+    def __init__(self):
+        self.notes, self.progs, self.touches = [], [], []
+        self.tempo = [(0, DEFAULT_BPM)]
+        self.track_len, self.final_prog, self.last_ticks = [], [], []
+
+    def set_tempo(self, tick: int, tempo_us: int) -> None:
+        """The reference's tempo list: a change at tick 0 restarts it, repeats are skipped."""
+        bpm = mido.tempo2bpm(tempo_us)
+        if tick == 0:
+            self.tempo = [(0, bpm)]
+        elif bpm != self.tempo[-1][1]:
+            self.tempo.append((tick, bpm))
+
+    def end_track(self, n_msgs: int, tick: int, prog: list) -> None:
+        self.track_len.append(n_msgs)
+        self.final_prog.append(prog)
+        if n_msgs:
+            self.last_ticks.append(tick)
+
+    def events(self) -> Events:
+        return Events(
+            note=columns(self.notes, 6),
+            note_prog=np.array(self.progs, dtype=np.int64),
+            touch=columns(self.touches, 7),
+            track_len=np.array(self.track_len, dtype=np.int64),
+            final_prog=np.array(self.final_prog, dtype=np.int64).reshape(-1, 16),
+            tempo_changes=self.tempo,
+            max_tick=(max(self.last_ticks) + 1) if self.last_ticks else None)
+
+
 def extract(mf: mido.MidiFile) -> Events:
-    notes, progs, touches, tempo = [], [], [], [(0, DEFAULT_BPM)]
-    track_len, final_prog, last_ticks = [], [], []
+    col = Collector()
+    add_note, add_prog, add_touch = col.notes.extend, col.progs.append, col.touches.extend
     for ti, track in enumerate(mf.tracks):
         tick = 0
         prog = [0] * 16
-        add_note, add_prog, add_touch = notes.extend, progs.append, touches.extend
         for i, msg in enumerate(track):
             tick += msg.time
             kind = msg.type
@@ -65,24 +101,9 @@ def extract(mf: mido.MidiFile) -> Events:
                 ch = msg.channel
                 add_touch((tick, ti, i, ch, prog[ch], PITCHWHEEL, 0))
             elif kind == "set_tempo":
-                bpm = mido.tempo2bpm(msg.tempo)
-                if tick == 0:
-                    tempo = [(0, bpm)]
-                elif bpm != tempo[-1][1]:
-                    tempo.append((tick, bpm))
-        track_len.append(len(track))
-        final_prog.append(prog)
-        if len(track):
-            last_ticks.append(tick)
-    return Events(
-        note=columns(notes, 6),
-        note_prog=np.array(progs, dtype=np.int64),
-        touch=columns(touches, 7),
-        track_len=np.array(track_len, dtype=np.int64),
-        final_prog=np.array(final_prog, dtype=np.int64).reshape(-1, 16),
-        tempo_changes=tempo,
-        max_tick=(max(last_ticks) + 1) if last_ticks else None,
-    )
+                col.set_tempo(tick, msg.tempo)
+        col.end_track(len(track), tick, prog)
+    return col.events()
 
 
 @dataclass

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
-from mido import tempo2bpm
 from mido.midifiles.meta import build_meta_message
 
-from pianist_jax.midi_events import DEFAULT_BPM, PITCHWHEEL, Events, columns
+from pianist_jax.midi_events import PITCHWHEEL, Collector, Events
 
 # Data bytes after the status byte, per channel-message kind (status >> 4).
 _DATA_LEN = {0x8: 2, 0x9: 2, 0xA: 2, 0xB: 2, 0xC: 1, 0xD: 1, 0xE: 2}
@@ -46,8 +44,7 @@ def scan(data: bytes) -> tuple[int, int, Events] | None:
     if header is None or header[1] < 0:
         return None
     fmt, ntracks, division, pos = header
-    notes, progs, touches, tempo = [], [], [], [(0, DEFAULT_BPM)]
-    track_len, final_prog, last_ticks = [], [], []
+    col = Collector()
     try:
         for ti in range(ntracks):
             if data[pos:pos + 4] != b"MTrk" or pos + 8 > len(data):
@@ -55,28 +52,16 @@ def scan(data: bytes) -> tuple[int, int, Events] | None:
             end = pos + 8 + int.from_bytes(data[pos + 4:pos + 8], "big")
             if end > len(data):
                 return None
-            n_msgs, tick = _scan_track(data, pos + 8, end, ti, notes, progs, touches, tempo,
-                                       final_prog)
-            track_len.append(n_msgs)
-            if n_msgs:
-                last_ticks.append(tick)
+            _scan_track(data, pos + 8, end, ti, col)
             pos = end
     except (_Bail, IndexError):
         return None
-    events = Events(
-        note=columns(notes, 6),
-        note_prog=np.array(progs, dtype=np.int64),
-        touch=columns(touches, 7),
-        track_len=np.array(track_len, dtype=np.int64),
-        final_prog=np.array(final_prog, dtype=np.int64).reshape(-1, 16),
-        tempo_changes=tempo,
-        max_tick=(max(last_ticks) + 1) if last_ticks else None)
-    return fmt, division, events
+    return fmt, division, col.events()
 
 
-def _scan_track(data, i, end, ti, notes, progs, touches, tempo, final_prog):
-    """One MTrk chunk body [i, end); appends to the column lists; returns (messages, tick)."""
-    add_note, add_prog, add_touch = notes.extend, progs.append, touches.extend
+def _scan_track(data: bytes, i: int, end: int, ti: int, col: Collector) -> None:
+    """One MTrk chunk body [i, end) into the collector."""
+    add_note, add_prog, add_touch = col.notes.extend, col.progs.append, col.touches.extend
     prog = [0] * 16
     tick = 0
     idx = 0
@@ -89,7 +74,7 @@ def _scan_track(data, i, end, ti, notes, progs, touches, tempo, final_prog):
             b = data[i]
             i += 1
             delta = (delta << 7) | (b & 0x7F)
-        tick += delta
+        tick += delta  # (the delta varint is read inline: this loop is the hot path)
         status = data[i]
         if status < 0x80:  # running status: this byte is the first data byte
             if last_status < 0x80 or last_status >= 0xF0:
@@ -137,11 +122,7 @@ def _scan_track(data, i, end, ti, notes, progs, touches, tempo, final_prog):
             except Exception as err:  # noqa: BLE001 - any decode failure
                 raise _Bail from err
             if meta_type == 0x51:
-                bpm = tempo2bpm(msg.tempo)
-                if tick == 0:
-                    tempo[:] = [(0, bpm)]
-                elif bpm != tempo[-1][1]:
-                    tempo.append((tick, bpm))
+                col.set_tempo(tick, msg.tempo)
         elif status in (0xF0, 0xF7):
             length, i = _varint(data, i)
             body = data[i:i + length]
@@ -153,8 +134,7 @@ def _scan_track(data, i, end, ti, notes, progs, touches, tempo, final_prog):
         idx += 1
     if i != end:
         raise _Bail
-    final_prog.append(prog)
-    return idx, tick
+    col.end_track(idx, tick, prog)
 
 
 def _sysex_payload(body: bytes) -> bytes:
