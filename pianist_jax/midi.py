@@ -276,6 +276,8 @@ def write_midi(notes: Notes, path, track_name: str = "Piano") -> None:
     note is re-struck after the previous one ends. Velocity 0 (a note_off in MIDI) is
     written as 1 so the note is not lost.
     """
+    if len(notes) and (notes.onset.min() < 0 or (len(notes.pedal_ms) and notes.pedal_ms.min() < 0)):
+        raise ValueError(f"{path}: negative event times cannot be written to MIDI")
     notes = resolve_same_pitch_overlaps(notes)
     n = len(notes)
     if np.any(notes.velocity < 1) or np.any(notes.velocity > 127):

@@ -228,3 +228,12 @@ def test_instrument_order_is_creation_order(tmp_path):
     got = midi.read_midi(save(tmp_path / "order.mid", [tr], ticks_per_beat=500))
     assert got.pedal_ms.tolist() == [30, 30]
     assert got.pedal_value.tolist() == [100, 20]
+
+
+def test_writer_refuses_negative_times(tmp_path):
+    notes = midi.Notes(onset=np.array([-5]), offset=np.array([10]), pitch=np.array([60]),
+                       velocity=np.array([60]), pedal_ms=np.zeros(0, np.int64),
+                       pedal_value=np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="negative event times"):
+        midi.write_midi(notes, tmp_path / "neg.mid")
+    assert not (tmp_path / "neg.mid").exists()
