@@ -28,7 +28,7 @@ FRAGMENT_VERSION = 1
 _FRAGMENT_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.manifest\.json$")
 # Fragment keys that every shard of one dataset must agree on.
 SETTINGS_KEYS = ("tool_version", "tokenizer_version", "record_format", "array_record_options",
-                 "num_shards", "exclude")
+                 "num_shards", "exclude", "assign_by")
 _SUM_KEYS = ("files", "notes", "tokens", "duplicates", "quarantined", "warnings")
 
 

@@ -9,6 +9,9 @@ tokenizing), assigns each file to shard ``sha256(bytes) mod N``, and tokenizes o
 was asked for. N hosts given disjoint shard sets therefore write disjoint shards that together
 equal a single run. Identical files share a content hash, so they land in one shard and are
 deduplicated there (the first in (corpus, source) order is kept; the rest are listed).
+With ``--assign-by path`` the shard comes from ``sha256(corpus/source)`` instead, so each host
+reads only its own files (for corpora where reading everything on every host is too costly);
+duplicates are then removed within a shard only.
 
 Determinism: inputs are sorted, records in a shard follow (corpus, source) order, record bytes
 hold no timestamps, and the ArrayRecord writer is single-threaded, so the same inputs give
@@ -29,10 +32,10 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from data_prep import merge_manifests as mm
@@ -59,6 +62,12 @@ def assign_shard(key_hex: str, num_shards: int) -> int:
     return int(key_hex[:16], 16) % num_shards
 
 
+def path_shard(src: SourceFile, num_shards: int) -> int:
+    """Shard by (corpus, relative path): known without reading the file."""
+    return assign_shard(hashlib.sha256(f"{src.corpus}/{src.source}".encode()).hexdigest(),
+                        num_shards)
+
+
 def _one_line(text: str) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
@@ -72,19 +81,21 @@ def tokenize_one(task: tuple[str, str, str, str, str]) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            if _sha256_path(path)[0] != content_hash:
-                raise RuntimeError("file changed or vanished since it was hashed")
-            ids = np.asarray(tokenizer.encode_file(path))
+            with open(path, "rb") as f:  # read once: hash check and tokenizing share the bytes
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != content_hash:
+                raise RuntimeError("file changed since it was hashed")
+            ids = tokenizer.encode_notes(midi.read_midi(path, data))
             if ids.ndim != 1 or ids.size == 0 or ids.size % tokenizer.TOKENS_PER_NOTE:
                 raise ValueError(f"tokenizer returned {ids.shape} ids; need a positive "
                                  f"multiple of {tokenizer.TOKENS_PER_NOTE}")
             if ids.min() < 0 or ids.max() >= tokenizer.VOCAB_SIZE:
                 raise ValueError(f"token ids outside [0, {tokenizer.VOCAB_SIZE})")
             n_notes = ids.size // tokenizer.TOKENS_PER_NOTE
-            data = records.encode_record(
+            record = records.encode_record(
                 ids, source=source, corpus=corpus, kind=kind, n_notes=n_notes,
                 content_hash=content_hash, tokenizer_version=tokenizer.TOKENIZER_VERSION)
-            return {"ok": True, "record": data, "notes": n_notes, "tokens": int(ids.size),
+            return {"ok": True, "record": record, "notes": n_notes, "tokens": int(ids.size),
                     "warnings": len(caught)}
         except midi.MidiError as e:
             reason = f"{type(e).__name__}: {e.reason}"
@@ -97,7 +108,7 @@ class Plan:
     """Which kept files each shard holds, plus duplicates and unreadable files per shard."""
 
     def __init__(self, sources: list[SourceFile], hashes: list[tuple[str | None, str]],
-                 num_shards: int):
+                 num_shards: int, assign_by: str = "content"):
         self.num_shards = num_shards
         self.files: dict[int, list[tuple[SourceFile, str]]] = {}
         self.duplicates: dict[int, list[dict]] = {}
@@ -105,17 +116,20 @@ class Plan:
         kept: dict[str, SourceFile] = {}
         for src, (digest, err) in sorted(zip(sources, hashes)):
             if digest is None:  # no content hash: place it by name, so exactly one shard owns it
-                key = hashlib.sha256(f"{src.corpus}/{src.source}".encode()).hexdigest()
-                self.unreadable.setdefault(assign_shard(key, num_shards), []).append((src, err))
+                self.unreadable.setdefault(path_shard(src, num_shards), []).append((src, err))
                 continue
-            shard = assign_shard(digest, num_shards)
-            if digest in kept:
-                first = kept[digest]
+            if assign_by == "path":
+                shard = path_shard(src, num_shards)
+            else:
+                shard = assign_shard(digest, num_shards)
+            key = digest if assign_by == "content" else (shard, digest)  # dedupe scope
+            if key in kept:
+                first = kept[key]
                 self.duplicates.setdefault(shard, []).append({
                     "content_hash": digest, "kept": f"{first.corpus}/{first.source}",
                     "duplicate": f"{src.corpus}/{src.source}", "corpus": src.corpus})
             else:
-                kept[digest] = src
+                kept[key] = src
                 self.files.setdefault(shard, []).append((src, digest))
 
 
@@ -152,13 +166,13 @@ class ShardStats:
             self.bump(src.corpus, "warnings", n)
 
 
-def _settings(num_shards: int, exclude: list[str] = ()) -> dict:
+def _settings(num_shards: int, exclude: list[str] = (), assign_by: str = "content") -> dict:
     from pianist_jax import tokenizer
 
     return {"tool_version": TOOL_VERSION, "tokenizer_version": tokenizer.TOKENIZER_VERSION,
             "record_format": records.FORMAT_VERSION,
             "array_record_options": records.ARRAY_RECORD_OPTIONS, "num_shards": num_shards,
-            "exclude": sorted(exclude)}
+            "exclude": sorted(exclude), "assign_by": assign_by}
 
 
 def shard_is_done(out: Path, index: int, settings: dict, overwrite: bool) -> bool:
@@ -195,11 +209,27 @@ def host_shards(num_hosts: int, host_index: int, num_shards: int) -> list[int]:
                       (host_index + 1) * num_shards // num_hosts))
 
 
+def _map_chunk(fn, chunk: list) -> list:
+    return [fn(item) for item in chunk]
+
+
 def _imap(pool, fn, items: list, workers: int):
-    """Ordered lazy map; in-process when there is no pool (tests, --workers 0/1)."""
+    """Ordered lazy map; in-process when there is no pool (tests, --workers 0/1).
+
+    At most `workers * 4` chunks are in flight, so memory stays flat on corpora of millions
+    of files (Executor.map would submit every task up front and hold every result).
+    """
     if pool is None:
-        return map(fn, items)
-    return pool.map(fn, items, chunksize=max(1, min(32, len(items) // (workers * 8))))
+        yield from map(fn, items)
+        return
+    chunksize = max(1, min(32, len(items) // (workers * 8)))
+    pending: deque = deque()
+    for start in range(0, len(items), chunksize):
+        pending.append(pool.submit(_map_chunk, fn, items[start:start + chunksize]))
+        if len(pending) >= workers * 4:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()
 
 
 class Progress:
@@ -281,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host-index", type=int)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="worker processes ('spawn'); 0 or 1 = tokenize in this process")
+    ap.add_argument("--assign-by", choices=("content", "path"), default="content",
+                    help="shard of a file: by content hash (default; identical files anywhere "
+                         "are written once, but every invocation reads every file to hash it) "
+                         "or by corpus/path (each host reads only its own files; duplicates "
+                         "are removed within a shard only)")
     ap.add_argument("--overwrite", action="store_true", help="rewrite shards already done")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return ap
@@ -306,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     records.list_shards(out)  # refuses a directory that already holds another shard count
-    settings = _settings(n, args.exclude)
+    settings = _settings(n, args.exclude, args.assign_by)
     command = ["python", "-m", "data_prep.tokenize", *argv]
     todo = [i for i in wanted if not shard_is_done(out, i, settings, args.overwrite)]
     if len(todo) < len(wanted):
@@ -329,10 +364,13 @@ def _run(args, out: Path, todo: list[int], settings: dict, command: list[str]) -
             ctx = multiprocessing.get_context("spawn")
             pool = ProcessPoolExecutor(args.workers, mp_context=ctx)
             stack.callback(pool.shutdown, cancel_futures=True)  # Ctrl-C: drop queued files
+        if args.assign_by == "path":  # only this invocation's files are read at all
+            wanted = set(todo)
+            sources = [s for s in sources if path_shard(s, args.num_shards) in wanted]
         paths = [s.path for s in sources]
         hashes = list(tqdm(_imap(pool, _sha256_path, paths, args.workers), total=len(paths),
                            desc="hashing", unit="file", disable=args.no_progress))
-        plan = Plan(sources, hashes, args.num_shards)
+        plan = Plan(sources, hashes, args.num_shards, args.assign_by)
         tasks = [(s.path, s.corpus, s.source, s.kind, h)
                  for i in todo for s, h in plan.files.get(i, [])]
         bar = Progress(len(tasks), args.no_progress)

@@ -275,16 +275,16 @@ def test_real_data_subset(tmp_path):
 
 
 def test_unexpected_errors_and_unreadable_files_are_quarantined(corpus, tmp_path, monkeypatch):
-    from pianist_jax import tokenizer
+    from pianist_jax import midi
 
-    real = tokenizer.encode_file
+    real = midi.read_midi
 
-    def flaky(path):
+    def flaky(path, data=None):
         if Path(path).name == "e1.mid":
             raise RuntimeError("boom\tin\nthe tokenizer")
-        return real(path)
+        return real(path, data)
 
-    monkeypatch.setattr(tokenizer, "encode_file", flaky)
+    monkeypatch.setattr(midi, "read_midi", flaky)
     lst = tmp_path / "list.txt"
     lst.write_text("../corpus_missing/gone.mid\n" + "\n".join(
         str(p) for p in sorted((corpus / "extra").glob("*.mid"))) + "\n")
@@ -334,3 +334,26 @@ def test_every_kind_of_bad_file_is_quarantined_with_its_reason(tmp_path):
     assert set(reasons) == {path.name for path, _, _ in cases.values()}
     for path, err, fragment in cases.values():
         assert fragment.lower() in reasons[path.name].lower(), (path.name, reasons[path.name])
+
+
+def test_assign_by_path_reads_only_own_files_and_splits_cleanly(corpus, tmp_path, monkeypatch):
+    one, split = tmp_path / "one", tmp_path / "split"
+    run(corpus, one, "--assign-by", "path")
+    hashed: list[str] = []
+    real = tk._sha256_path
+    monkeypatch.setattr(tk, "_sha256_path", lambda p: hashed.append(p) or real(p))
+    run(corpus, split, "--assign-by", "path", "--shard-index", "0-3")
+    first_half = {s.path for s in sources.collect_sources(
+        [str(corpus / "pieces"), f"{corpus / 'extra'}:extra"], []) if tk.path_shard(s, N_SHARDS) < 4}
+    assert set(hashed) == first_half  # the other shards' files were never read
+    run(corpus, split, "--assign-by", "path", "--shard-index", "4-7")
+    assert shard_bytes(one) == shard_bytes(split)
+    assert without_commands(json.loads((one / mm.MANIFEST).read_text())) == \
+        without_commands(json.loads((split / mm.MANIFEST).read_text()))
+    recs = read_all(one)
+    # p1_copy duplicates p1; it is dropped only if both paths hash to the same shard
+    same_shard = (tk.path_shard(sources.SourceFile("pieces", "p1.mid", "", ""), N_SHARDS)
+                  == tk.path_shard(sources.SourceFile("pieces", "p1_copy.mid", "", ""), N_SHARDS))
+    names = {(r.corpus, r.source) for r in recs}
+    assert (("pieces", "p1_copy.mid") in names) != same_shard
+    assert all(r.n_notes == 24 for r in recs)
