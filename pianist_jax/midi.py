@@ -185,7 +185,7 @@ def tick_to_seconds(ticks: np.ndarray, tempo_changes, ticks_per_beat: int, max_t
 
     `tempo_changes` is the reference's list of (tick, bpm).  In the usual sorted case this is a
     piecewise-linear lookup; the reference's quirk for unsorted change lists (tempo events of a
-    later track earlier in time) is reproduced with its full table.
+    later track earlier in time) is reproduced by replaying its table writes.
     """
     starts = np.array([t for t, _ in tempo_changes], dtype=np.int64)
     spt = np.array([(60 / bpm) / float(ticks_per_beat) for _, bpm in tempo_changes])
@@ -197,13 +197,27 @@ def tick_to_seconds(ticks: np.ndarray, tempo_changes, ticks_per_beat: int, max_t
             acc[k] = acc[k - 1] + spt[k - 1] * float(ends[k - 1] - starts[k - 1])
         seg = np.searchsorted(starts, ticks, side="right") - 1
         return acc[seg] + spt[seg] * (ticks - starts[seg]).astype(np.float64)
-    table = np.zeros(max_tick + 1)
+    # Unsorted: replay the table writes segment by segment on the queried ticks only (the
+    # table itself can be huge for a corrupt file); later writes win, unwritten ticks are 0.
+    out = np.zeros(len(ticks))
+    written: list = []  # (start, end, acc, spt) of segments written so far, in order
+
+    def value_at(tick: int) -> float:
+        for start, end, acc, sp in reversed(written):
+            if start <= tick <= end:
+                return acc + sp * float(tick - start)
+        return 0.0
+
     acc_time = 0.0
     for k in range(len(starts)):
-        end = starts[k + 1] if k + 1 < len(starts) else max_tick
-        table[starts[k]:end + 1] = acc_time + spt[k] * np.arange(end - starts[k] + 1)
-        acc_time = table[end]
-    return table[ticks]
+        end = int(starts[k + 1]) if k + 1 < len(starts) else max_tick
+        start = int(starts[k])
+        if start <= end:
+            written.append((start, end, acc_time, spt[k]))
+            hit = (ticks >= start) & (ticks <= end)
+            out[hit] = acc_time + spt[k] * (ticks[hit] - start).astype(np.float64)
+        acc_time = value_at(end)
+    return out
 
 
 def _to_ms(seconds: np.ndarray) -> np.ndarray:

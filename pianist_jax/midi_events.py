@@ -187,9 +187,11 @@ def pair_notes(ev: Events) -> Pairs:
     note_rank = rank[np.searchsorted(uniq, inst_key)]
     firsts = first[creation_order]
     inst = np.stack([close_track[firsts], close_idx[firsts], channel[firsts], close_prog[firsts]], 1)
+    order = np.empty(len(on_rows), dtype=np.int64)  # rank by (instrument, close position)
+    order[np.lexsort((created_at, note_rank))] = np.arange(len(on_rows))
     return Pairs(
         start=srt[on_rows, 0], end=close_tick, pitch=srt[on_rows, 4], velocity=srt[on_rows, 5],
-        channel=channel, order=note_rank * (int(created_at.max(initial=0)) + 1) + created_at,
+        channel=channel, order=order,
         inst=inst.reshape(-1, 4), n_open=len(ons_open))
 
 

@@ -237,3 +237,40 @@ def test_writer_refuses_negative_times(tmp_path):
     with pytest.raises(ValueError, match="negative event times"):
         midi.write_midi(notes, tmp_path / "neg.mid")
     assert not (tmp_path / "neg.mid").exists()
+
+
+def reference_table(tempo_changes, ticks_per_beat, max_tick):
+    """The reference's cumulative tick -> seconds table, written out literally."""
+    table = np.zeros(max_tick + 1)
+    acc = 0.0
+    for k, (start, bpm) in enumerate(tempo_changes):
+        spt = (60 / bpm) / float(ticks_per_beat)
+        end = tempo_changes[k + 1][0] if k + 1 < len(tempo_changes) else max_tick
+        table[start:end + 1] = acc + spt * np.arange(end - start + 1)
+        acc = table[end]
+    return table
+
+
+def test_tick_to_seconds_matches_reference_table_sorted_and_unsorted():
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        max_tick = int(rng.integers(50, 3000))
+        n = int(rng.integers(1, 6))
+        starts = [0] + sorted(int(t) for t in rng.integers(1, max_tick, n))
+        if trial % 2:  # unsorted, as when a later track's tempo events come earlier in time
+            starts = [0] + [int(t) for t in rng.permutation(starts[1:])]
+        changes = [(t, float(rng.choice([60.0, 90.5, 120.0, 133.3333, 200.0]))) for t in starts]
+        tpb = int(rng.choice([96, 384, 480, 1024]))
+        ticks = np.arange(max_tick + 1)
+        got = midi.tick_to_seconds(ticks, changes, tpb, max_tick)
+        np.testing.assert_array_equal(got, reference_table(changes, tpb, max_tick))
+
+
+def test_corrupt_huge_tick_with_unsorted_tempo_does_not_allocate_a_table(tmp_path):
+    # Track 2 sets a tempo before track 1's last change; a note sits at tick ~2**27.
+    t1 = msgs_track((0, mido.MetaMessage("set_tempo", tempo=500_000)),
+                    (1000, mido.MetaMessage("set_tempo", tempo=400_000)))
+    t2 = msgs_track((500, mido.MetaMessage("set_tempo", tempo=600_000)), (0, on(60)),
+                    (2 ** 27, off(60)))
+    got = midi.read_midi(save(tmp_path / "huge.mid", [t1, t2]))
+    assert len(got) == 1 and got.offset[0] > 10 ** 7
