@@ -84,3 +84,36 @@ def test_read_midi_same_result_through_either_path(tmp_path, monkeypatch):
     slow = midi.read_midi(path)
     for name in ("onset", "offset", "pitch", "velocity", "pedal_ms", "pedal_value"):
         np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name))
+
+
+def test_mutated_files_give_notes_or_midi_error_never_a_crash(tmp_path):
+    """Random byte flips, cuts and insertions: every outcome is Notes or a MidiError."""
+    import warnings
+
+    from pianist_jax import tokenizer
+
+    good = rich_file(tmp_path / "r.mid").read_bytes()
+    rng = np.random.default_rng(11)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(400):
+        data = bytearray(good)
+        for _ in range(int(rng.integers(1, 4))):
+            i = int(rng.integers(0, len(data)))
+            mode = int(rng.integers(0, 3))
+            if mode == 0:
+                data[i] = int(rng.integers(0, 256))
+            elif mode == 1:
+                del data[i:i + int(rng.integers(1, 8))]
+            else:
+                data[i:i] = bytes(rng.integers(0, 256, 3).astype(np.uint8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", midi.MidiWarning)
+            try:
+                ids = tokenizer.encode_notes(midi.read_midi("fuzz.mid", bytes(data)))
+            except midi.MidiError as err:
+                assert "fuzz.mid" in str(err)
+                outcomes["error"] += 1
+            else:
+                assert ids.min() >= 0 and ids.max() < tokenizer.VOCAB_SIZE
+                outcomes["ok"] += 1
+    assert outcomes["ok"] > 20 and outcomes["error"] > 20
