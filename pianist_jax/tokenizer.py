@@ -40,14 +40,20 @@ def pedal_at(notes: midi.Notes, times_ms: np.ndarray) -> np.ndarray:
     return values[np.searchsorted(notes.pedal_ms, np.floor(times_ms), side="right")]
 
 
+def pedal_sample_points(onset: np.ndarray, gap_next: np.ndarray) -> np.ndarray:
+    """[N, 4] times floor(onset + gap * k / 4), k = 0..3: where encoding samples the pedal and
+    decoding places it, so the two always agree (exact integer arithmetic)."""
+    return onset[:, None] + (gap_next[:, None] * np.arange(4)) // 4
+
+
 def encode_notes(notes: midi.Notes) -> np.ndarray:
     """Normalised notes -> int32 ids of shape [8 * N]."""
     onset = notes.onset.astype(np.int64)
     ioi = np.diff(onset, prepend=0)
     gap_next = np.append(ioi[1:], MAX_IOI_MS)  # pedal is sampled over the *raw* next gap
-    # Sample k at onset + gap*k/4: the last integer-ms event at or before it is found via
-    # the floor, which is exact integer arithmetic.
-    sample = onset[:, None] + (gap_next[:, None] * np.arange(4)) // 4
+    # The last integer-ms event at or before onset + gap*k/4 is the last one at or before
+    # its floor.
+    sample = pedal_sample_points(onset, gap_next)
     raw = np.concatenate([
         np.stack([notes.pitch, ioi, notes.velocity, notes.duration], 1),
         pedal_at(notes, sample)], axis=1) + _SLOT_OFFSET
@@ -115,7 +121,7 @@ def decode_ids(ids, score_ids=None) -> midi.Notes:
     ioi = _stretch_capped_gaps(ioi, tok[:, DURATION], tok[:, PITCH])
     onset = np.cumsum(ioi)
     gap_next = np.append(ioi[1:], MAX_IOI_MS)
-    when = (onset[:, None] + (gap_next[:, None] * np.arange(4)) // 4).reshape(-1)
+    when = pedal_sample_points(onset, gap_next).reshape(-1)
     value = tok[:, 4:].reshape(-1)
     changed = value != np.concatenate([[0], value[:-1]])
     return midi.Notes(onset=onset, offset=onset + tok[:, DURATION], pitch=tok[:, PITCH],
@@ -128,7 +134,3 @@ def decode_to_midi(ids, out_path, score_ids=None) -> midi.Notes:
     midi.write_midi(notes, out_path)
     return notes
 
-
-def slot_of_position(positions: np.ndarray) -> np.ndarray:
-    """Slot index (0..7) of each token position in a note-aligned sequence."""
-    return np.asarray(positions) % TOKENS_PER_NOTE
