@@ -146,6 +146,9 @@ def _find_file(ref: str, base_dir: Path) -> Path:
 def _expand(node: Any, cls: type, base_dir: Path, stack: tuple[Path, ...], prefix: str) -> Any:
     """Resolve includes in `node`, which sits where dataclass `cls` is expected."""
     if isinstance(node, str):
+        preset = CONFIG_ROOT / prefix.split(".")[-1] / f"{node}.yaml"
+        if prefix and not node.endswith((".yaml", ".yml")) and preset.is_file():
+            node = str(preset)  # a preset name: `model=tiny` -> configs/model/tiny.yaml
         node = {"include": node}
     if not isinstance(node, dict):
         return node  # _build reports the type error with the key name

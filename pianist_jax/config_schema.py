@@ -77,12 +77,22 @@ class SourceConfig:
     name: str
     path: str  # directory of shards or a glob such as "out/shards/asap/*.array_record"
     weight: float = 1.0
+    # Augmentation for coarse transcriptions (paper section 3, Aria-MIDI): each note's
+    # velocity / IOI / duration id moves by a uniform integer in [-a, a] token steps
+    # (velocity units, ms), clipped to the slot's valid range. 0 = off.
+    jitter_velocity: int = 0
+    jitter_ioi: int = 0
+    jitter_duration: int = 0
 
     def __post_init__(self) -> None:
         if not self.name or not self.path:
             raise ConfigError("data.sources: every source needs a name and a path")
         if not self.weight > 0:
             raise ConfigError(f"data.sources[{self.name}].weight must be > 0, got {self.weight}")
+        for name in ("jitter_velocity", "jitter_ioi", "jitter_duration"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.sources[{self.name}].{name} must be >= 0, "
+                                  f"got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,8 @@ class DataConfig:
         if self.block_size % SLOTS_PER_NOTE:
             raise ConfigError(f"data.block_size ({self.block_size}) must be a multiple of "
                               f"{SLOTS_PER_NOTE} (whole notes)")
-        if self.window_stride % SLOTS_PER_NOTE or self.window_stride > self.block_size:
+        if self.window_stride % SLOTS_PER_NOTE or (
+                self.kind == "sft" and self.window_stride > self.block_size):
             raise ConfigError(f"data.window_stride ({self.window_stride}) must be a multiple of "
                               f"{SLOTS_PER_NOTE} and <= data.block_size")
         for name in ("mask_prob", "crop_prob"):
@@ -185,10 +196,12 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("vocab", "tensor"),  # embedding / output rows
     ("embed", "fsdp"),  # model width: parameters fully sharded over fsdp
     ("slot", None),  # the 8 token slots of the note compression
+    ("slot_embed", None),  # hidden / 8: one slot's share of a note vector
     ("mlp", "tensor"),
     ("heads", "tensor"),
-    ("kv_heads", "tensor"),
+    ("kv", "tensor"),  # key/value heads (grouped-query attention)
     ("head_dim", None),
+    ("norm", None),  # RMSNorm scales: tiny, replicated
     ("layers", None),
 )
 

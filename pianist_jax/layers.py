@@ -1,0 +1,223 @@
+"""Gemma-2 / T5Gemma building blocks in Flax NNX, laid out to load the reference weights.
+
+Why these exact choices: the published Pianist Transformer is a `transformers` T5Gemma model, so
+every detail that changes the numbers is copied from it (see docs/REFERENCE_MODEL_NOTES.md):
+RMSNorm scales by ``1 + w`` in float32, the attention scale is ``query_pre_attn_scalar ** -0.5``
+(not ``head_dim ** -0.5``), attention logits are soft-capped before masking, softmax runs in
+float32, RoPE rotates halves (not interleaved pairs), query head ``h`` reads key/value head
+``h // (heads / kv_heads)``, and the MLP is ``down(gelu_tanh(gate(x)) * up(x))`` without biases.
+
+Kernels are stored ``[in, ..., out]`` with named head axes (``q: [embed, heads, head_dim]``), so
+each dimension carries a logical axis name (``out_sharding`` metadata) that
+`pianist_jax.sharding` maps onto the device mesh with the config's rule table. Parameters are
+kept in ``param_dtype`` and cast to the compute ``dtype`` where they are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+RMS_NORM_EPS = 1e-6
+_NEG = float(jnp.finfo(jnp.float32).min)  # masked logits: what `transformers` adds, in fp32
+
+
+_CONTEXT = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(to_sharding):
+    """While tracing inside this context, `constrain` pins activations to
+    ``to_sharding(logical_names, shape)`` (set up by `pianist_jax.sharding.activation_rules`)."""
+    previous = getattr(_CONTEXT, "fn", None)
+    _CONTEXT.fn = to_sharding
+    try:
+        yield
+    finally:
+        _CONTEXT.fn = previous
+
+
+def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
+    """Sharding hint for an activation (e.g. ``("batch", None, None)``): keeps FSDP gathering
+    weights instead of re-sharding activations; a no-op outside `activation_sharding`."""
+    fn = getattr(_CONTEXT, "fn", None)
+    return x if fn is None else jax.lax.with_sharding_constraint(x, fn(logical, x.shape))
+
+
+def logical_param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = None) -> nnx.Param:
+    """A parameter with logical axis names; ``std=None`` -> zeros (RMSNorm scales, biases)."""
+    if len(shape) != len(axes):
+        raise ValueError(f"parameter shape {shape} and logical axes {axes} differ in rank")
+    if std is None:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)).astype(dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``tanh(x / cap) * cap``; ``cap=None`` leaves ``x`` unchanged."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class RMSNorm(nnx.Module):
+    """Gemma RMSNorm: normalise in float32, scale by ``1 + w`` (``w`` starts at zero)."""
+
+    def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        self.scale = logical_param(rngs, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + RMS_NORM_EPS)
+        return (h * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding on ``x [B, T, heads, D]`` at integer ``positions [B, T]`` (rotate-half).
+
+    cos/sin are computed in float32 and cast to ``x.dtype`` before use, as `transformers` does.
+    """
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with soft-capped logits; self- (RoPE) or cross-attention (none)."""
+
+    def __init__(self, cfg, *, rope: bool, rngs: nnx.Rngs):
+        h, n, k, d = cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd, std = cfg.param_dtype, 1.0 / math.sqrt(h)
+        self.q_proj = logical_param(rngs, (h, n, d), ("embed", "heads", "head_dim"), pd, std)
+        self.k_proj = logical_param(rngs, (h, k, d), ("embed", "kv", "head_dim"), pd, std)
+        self.v_proj = logical_param(rngs, (h, k, d), ("embed", "kv", "head_dim"), pd, std)
+        self.o_proj = logical_param(rngs, (n, d, h), ("heads", "head_dim", "embed"), pd,
+                                    1.0 / math.sqrt(n * d))
+        self.rope = rope
+        self.theta = cfg.rope_theta
+        self.scale = cfg.query_pre_attn_scalar ** -0.5
+        self.logit_cap = cfg.attn_logit_softcap
+        self.dtype = cfg.dtype
+
+    def queries(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
+        q = jnp.einsum("btm,mhd->bthd", x, self.q_proj[...].astype(self.dtype))
+        return apply_rope(q, positions, self.theta) if self.rope else q
+
+    def keys_values(self, x: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        k = jnp.einsum("bsm,mkd->bskd", x, self.k_proj[...].astype(self.dtype))
+        v = jnp.einsum("bsm,mkd->bskd", x, self.v_proj[...].astype(self.dtype))
+        return (apply_rope(k, positions, self.theta) if self.rope else k), v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """``q [B,T,H,D]``, ``k/v [B,S,K,D]``, boolean ``mask`` broadcastable to ``[B,T,S]``."""
+        b, t, n, d = q.shape
+        kv = k.shape[2]
+        qg = q.reshape(b, t, kv, n // kv, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(self.scale, q.dtype)
+        logits = softcap(logits.astype(jnp.float32), self.logit_cap)
+        logits = jnp.where(mask[:, None, None, :, :], logits, _NEG)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+        return jnp.einsum("bthd,hdm->btm", out, self.o_proj[...].astype(self.dtype))
+
+    def __call__(self, x, source, mask, q_positions=None, kv_positions=None) -> jax.Array:
+        """Full attention of ``x`` over ``source`` (itself for self-attention), no cache."""
+        k, v = self.keys_values(source, kv_positions)
+        return self.attend(self.queries(x, q_positions), k, v, mask)
+
+
+class MLP(nnx.Module):
+    """Gated GELU (tanh approximation, = PyTorch ``gelu_pytorch_tanh``), no biases."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        h, f, pd = cfg.hidden, cfg.mlp, cfg.param_dtype
+        self.gate_proj = logical_param(rngs, (h, f), ("embed", "mlp"), pd, 1.0 / math.sqrt(h))
+        self.up_proj = logical_param(rngs, (h, f), ("embed", "mlp"), pd, 1.0 / math.sqrt(h))
+        self.down_proj = logical_param(rngs, (f, h), ("mlp", "embed"), pd, 1.0 / math.sqrt(f))
+        self.dtype = cfg.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = x @ self.gate_proj[...].astype(self.dtype)
+        up = x @ self.up_proj[...].astype(self.dtype)
+        return (jax.nn.gelu(gate, approximate=True) * up) @ self.down_proj[...].astype(self.dtype)
+
+
+class EncoderLayer(nnx.Module):
+    """Bidirectional self-attention + MLP, each wrapped in a pre- and a post-norm."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
+        self.pre_self_attn_norm = RMSNorm(cfg.hidden, **kw)
+        self.self_attn = Attention(cfg, rope=True, rngs=rngs)
+        self.post_self_attn_norm = RMSNorm(cfg.hidden, **kw)
+        self.pre_ffw_norm = RMSNorm(cfg.hidden, **kw)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.post_ffw_norm = RMSNorm(cfg.hidden, **kw)
+
+    def __call__(self, x, mask, positions) -> jax.Array:
+        h = self.pre_self_attn_norm(x)
+        x = x + self.post_self_attn_norm(self.self_attn(h, h, mask, positions, positions))
+        return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+
+
+class DecoderLayer(nnx.Module):
+    """Causal self-attention (optionally against a KV cache), cross-attention, MLP."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
+        self.pre_self_attn_norm = RMSNorm(cfg.hidden, **kw)
+        self.self_attn = Attention(cfg, rope=True, rngs=rngs)
+        self.post_self_attn_norm = RMSNorm(cfg.hidden, **kw)
+        self.pre_cross_attn_norm = RMSNorm(cfg.hidden, **kw)
+        self.cross_attn = Attention(cfg, rope=False, rngs=rngs)
+        self.post_cross_attn_norm = RMSNorm(cfg.hidden, **kw)
+        self.pre_ffw_norm = RMSNorm(cfg.hidden, **kw)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.post_ffw_norm = RMSNorm(cfg.hidden, **kw)
+
+    def __call__(self, x, self_mask, positions, cross_kv, cross_mask, cache=None, index=None):
+        """One layer. ``cross_kv``: this layer's (k, v) of the encoder states.
+
+        With ``cache`` (``{"k", "v"}: [B, S, K, D]``) the new keys/values are written at
+        ``index`` and attention runs over the whole cache (``self_mask`` covers ``[T, S]``);
+        returns ``(x, new_cache)``.
+        """
+        h = self.pre_self_attn_norm(x)
+        q = self.self_attn.queries(h, positions)
+        k, v = self.self_attn.keys_values(h, positions)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+            cache = {"k": k, "v": v}
+        x = x + self.post_self_attn_norm(self.self_attn.attend(q, k, v, self_mask))
+        h = self.pre_cross_attn_norm(x)
+        cross = self.cross_attn.attend(self.cross_attn.queries(h, None), *cross_kv, cross_mask)
+        x = x + self.post_cross_attn_norm(cross)
+        x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+        return x, cache
+
+
+def is_sliding(layer_index: int) -> bool:
+    """T5Gemma's layer types: layers 0, 2, 4, ... use the sliding window, 1, 3, ... attend fully."""
+    return bool((layer_index + 1) % 2)
+
+
+def window_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None, causal: bool) -> jax.Array:
+    """Boolean ``[..., T, S]`` mask from query/key positions: causal and/or a sliding window."""
+    diff = q_pos[..., :, None] - k_pos[..., None, :]
+    mask = diff >= 0 if causal else jnp.ones(diff.shape, bool)
+    if window is not None:
+        mask &= diff < window
+        if not causal:
+            mask &= -diff < window
+    return mask
