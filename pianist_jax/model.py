@@ -87,6 +87,9 @@ class Decoder(nnx.Module):
         k_pos = q_pos if cache is None else jnp.arange(cache["layers"][0]["k"].shape[1])
         causal = window_mask(q_pos, k_pos, None, causal=True)[None]
         sliding = window_mask(q_pos, k_pos, cfg.sliding_window, causal=True)[None]
+        if cache is None:  # as T5Gemma: PAD keys are masked (only rows after a PAD change)
+            real = (ids != PAD)[:, None, :]
+            causal, sliding = causal & real, sliding & real
         cross_mask = enc_mask[:, None, :]
         positions = jnp.broadcast_to(q_pos, (b, t))
         x = jnp.take(self.embed_tokens[...], ids, axis=0).astype(dtype)
