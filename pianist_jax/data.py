@@ -71,12 +71,15 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def shard_paths(source: SourceConfig) -> list[str]:
-    """The shard files of a source (a shard directory or a glob); ValueError if there are none."""
+    """The shard files of a source (a shard directory, a glob or one shard file); ValueError if
+    there are none."""
     path = source.path
     if any(c in path for c in "*?["):
         found = sorted(p for p in glob.glob(path) if p.endswith(records.SHARD_SUFFIX))
     elif Path(path).is_dir():
         found = [str(p) for p in records.list_shards(path)]
+    elif Path(path).is_file() and path.endswith(records.SHARD_SUFFIX):
+        found = [path]  # one shard file (e.g. a held-out shard for evaluation)
     else:
         found = []
     if not found:

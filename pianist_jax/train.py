@@ -37,6 +37,7 @@ from pianist_jax.train_step import StepFns
 
 log = logging.getLogger("pianist_jax.train")
 EXIT_NONFINITE = 3
+CHECKPOINTS = "checkpoints"  # under train.output_dir
 
 
 class NonFiniteError(RuntimeError):
@@ -113,7 +114,10 @@ def evaluate(fns: StepFns, cfg: Config, params: dict, mesh) -> dict | None:
 
 
 def _start(cfg: Config, fns: StepFns, ckpt: checkpoint.Checkpointer, it) -> tuple[dict, int]:
-    plan = checkpoint.resolve_start(cfg.train.output_dir, cfg.train.init_from)
+    init_from = cfg.train.init_from
+    if init_from and (Path(init_from) / CHECKPOINTS).is_dir():  # a run directory
+        init_from = str(Path(init_from) / CHECKPOINTS)
+    plan = checkpoint.resolve_start(ckpt.directory, init_from)
     if plan.kind == "resume":
         step, state = ckpt.restore(fns.abstract_state(), data_iter=it, config=cfg)
         log.info("resumed %s at step %d", plan.path, step)
@@ -139,7 +143,7 @@ def run(cfg: Config, *, hooks: tuple[Hook, ...] = (), progress: bool = True,
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     it = data.make_train_iterator(cfg)
-    ckpt = checkpoint.Checkpointer(out_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(out_dir / CHECKPOINTS, keep=cfg.train.keep_checkpoints)
     state, start = _start(cfg, fns, ckpt, it)
     metrics_log = MetricsLog(out_dir, lead, start)
     result = RunResult(state=state, start_step=start, end_step=start)
@@ -236,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+    parser.add_argument("--compilation-cache", metavar="DIR",
+                        default=os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                               "~/.cache/pianist-jax/xla"),
+                        help="persistent XLA compilation cache ('' disables; default %(default)s)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (auto-detects TPU pods, SLURM)")
     parser.add_argument("--coordinator", help="host:port of process 0 (multi-process by hand)")
@@ -246,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("PIANIST_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
+    if args.compilation_cache:  # restarts and resumed runs skip recompiling the step
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
     cfg = config_from_cli([args.config, *args.overrides])
     if args.print_config:
         print(to_yaml(cfg))

@@ -16,6 +16,13 @@ _DEVICES = "--xla_force_host_platform_device_count=8"
 _flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
 os.environ["XLA_FLAGS"] = f"{_flags.strip()} {_DEVICES}".strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+# Several tests compile the same tiny train step (fresh run, resumed run, ...): a persistent
+# compilation cache for the session turns the repeats into cache hits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pianist-jax-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 if "jax" in sys.modules:  # imported early (e.g. by a plugin): the platform must still be CPU
     sys.modules["jax"].config.update("jax_platforms", "cpu")
 
