@@ -74,14 +74,14 @@ def test_overrides():
         "train.init_from=runs/x",
         "train.grad_clip=null",
         "mesh.shape=[2, 2, 2]",
-        "data.sources.1.weight=3",
+        "data.sources.0.weight=3",
         "mesh.rules=[[batch, data], [embed, null]]",
     ])
     assert cfg.model.hidden == 128 and cfg.model.encoder_layers == 2
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
     assert cfg.train.init_from == "runs/x" and cfg.train.grad_clip is None
     assert cfg.mesh.shape == (2, 2, 2) and cfg.mesh.resolved_shape(8) == (2, 2, 2)
-    assert cfg.data.sources[1].weight == 3.0
+    assert cfg.data.sources[0].weight == 3.0
     assert cfg.mesh.rules == (("batch", "data"), ("embed", None))
     assert C.override(cfg, ["model.mlp=64"]).model.mlp == 64
     assert C.config_from_cli(["configs/sft.yaml", "train.epochs=1"]).train.epochs == 1
@@ -201,3 +201,11 @@ def test_paths_resolve_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_config(str(C.CONFIG_ROOT / "pretrain.yaml"), ["model=model/tiny.yaml"]).model.hidden == 64
     assert Path(C.CONFIG_ROOT).name == "configs"
+
+
+def test_model_preset_by_name():
+    by_name = load_config("configs/pretrain.yaml", ["model=tiny"]).model
+    by_path = load_config("configs/pretrain.yaml", ["model=model/tiny.yaml"]).model
+    assert by_name == by_path and by_name.hidden == 64
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/pretrain.yaml", ["model=no_such_preset"])

@@ -1,0 +1,114 @@
+"""Training throughput: tokens/s and model FLOPs utilisation (MFU) of the jitted train step.
+
+    python bench/train_bench.py --model small                 # this machine (CPU)
+    python bench/train_bench.py --model base --dtype bfloat16 --batch 16   # a GPU / TPU
+
+MFU = flops_per_token(model, block) * tokens/s / peak FLOP/s, where `flops_per_token` is
+`pianist_jax.model.flops_per_token` (training = 3x forward matmul FLOPs, attention included,
+see its docstring). Peak: `--peak-tflops`, else a table of known accelerators (dense bf16), else
+on CPU a measured float32 matmul rate (so CPU "MFU" is relative to what this CPU's BLAS reaches).
+Batches are synthetic (random valid tokens, 30% masked): this measures the step, not the loader
+(`bench/loader_bench.py` measures that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pianist_jax import sharding, tokenizer
+from pianist_jax.config import load_config
+from pianist_jax.model import flops_per_token, param_count
+from pianist_jax.train_step import StepFns
+
+PEAK_TFLOPS = {  # dense bf16 per chip
+    "H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0,
+}
+
+
+def peak_flops(device, dtype: str) -> tuple[float, str]:
+    kind = device.device_kind
+    for name, tflops in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            scale = 1.0 if dtype != "float32" else 0.5  # fp32 runs as TF32 at half rate
+            return tflops * 1e12 * scale, f"{kind} spec sheet"
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(10):
+        out = mm(a)
+    out.block_until_ready()
+    rate = 10 * 2 * n**3 / (time.perf_counter() - t)
+    return rate * len(jax.devices()), f"measured fp32 matmul on {kind} x{len(jax.devices())}"
+
+
+def synthetic_batch(batch: int, block: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    lo, hi = tokenizer.SLOT_RANGES[:, 0], tokenizer.SLOT_RANGES[:, 1]
+    slots = np.arange(block) % 8
+    ids = rng.integers(lo[slots], hi[slots], (batch, block)).astype(np.int32)
+    mask = rng.random(ids.shape) < 0.3
+    return {"encoder_ids": np.where(mask, tokenizer.MASK, ids).astype(np.int32),
+            "decoder_input_ids": np.concatenate(
+                [np.full((batch, 1), tokenizer.BOS), ids[:, :-1]], axis=1).astype(np.int32),
+            "targets": ids, "loss_mask": mask.astype(np.float32)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="small", help="configs/model/<name>.yaml")
+    parser.add_argument("--batch", type=int, default=2, help="global batch (examples)")
+    parser.add_argument("--block", type=int, default=4096, help="tokens per example")
+    parser.add_argument("--dtype", default=None, help="compute dtype (default: the model's)")
+    parser.add_argument("--microbatches", type=int, default=1)
+    parser.add_argument("--mesh", default="[1,-1,1]", help="mesh.shape (data, fsdp, tensor)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile)")
+    parser.add_argument("--peak-tflops", type=float, help="override the peak FLOP/s (TFLOP/s)")
+    args = parser.parse_args()
+
+    overrides = [f"model={args.model}", f"mesh.shape={args.mesh}", f"data.block_size={args.block}",
+                 f"train.batch_size={args.batch}", f"train.microbatches={args.microbatches}",
+                 "train.warmup_steps=0", "train.steps=1000"]
+    if args.dtype:
+        overrides.append(f"model.dtype={args.dtype}")
+    cfg = load_config(None, overrides)
+    mesh = sharding.make_mesh(cfg.mesh)
+    fns = StepFns(cfg, mesh, total_steps=1000)
+    state = fns.init_state(seed=0)
+    batch = jax.device_put(synthetic_batch(args.batch, args.block), fns.batch_sharding)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        state, metrics = fns.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = fns.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - t0) / args.steps
+    tokens_per_s = args.batch * args.block / step_s
+    fpt = flops_per_token(cfg.model, args.block)
+    if args.peak_tflops:
+        peak, source = args.peak_tflops * 1e12 * len(jax.devices()), "--peak-tflops"
+    else:
+        peak, source = peak_flops(jax.devices()[0], cfg.model.dtype)
+    print(f"model {args.model}: {param_count(cfg.model) / 1e6:.2f} M params, dtype "
+          f"{cfg.model.dtype}, batch {args.batch} x {args.block} tokens, mesh "
+          f"{dict(mesh.shape)}, {len(jax.devices())} x {jax.devices()[0].device_kind}")
+    print(f"warmup (compile + {args.warmup} steps): {compile_s:.1f} s; "
+          f"step {step_s * 1e3:.1f} ms; loss {float(metrics['loss']):.3f}")
+    print(f"tokens/s: {tokens_per_s:,.0f}")
+    print(f"MFU: {fpt / 1e6:.1f} MFLOP/token x {tokens_per_s:,.0f} tokens/s / "
+          f"{peak / 1e12:.2f} TFLOP/s peak ({source}) = {100 * fpt * tokens_per_s / peak:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
