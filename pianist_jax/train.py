@@ -251,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--cpu-collectives", choices=("gloo", "mpi"),
                         help="CPU collectives for multi-process CPU runs (gloo)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow flags
     logging.basicConfig(level=os.environ.get("PIANIST_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)  # absl (imported by orbax) already configured the root
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
     if args.compilation_cache:  # restarts and resumed runs skip recompiling the step
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))

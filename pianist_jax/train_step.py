@@ -153,7 +153,7 @@ class StepFns:
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
         loss = loss_sum / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state["bad_step"] < 0)
