@@ -83,8 +83,10 @@ def shard_paths(source: SourceConfig) -> list[str]:
     else:
         found = []
     if not found:
+        where = path if Path(path).is_absolute() else f"{path} (from {Path.cwd()})"
         raise ValueError(f"data source {source.name!r}: no shard files "
-                         f"(shard-*-of-*{records.SHARD_SUFFIX}) at {path!r}")
+                         f"(shard-*-of-*{records.SHARD_SUFFIX}) at {where}; write them with "
+                         "python -m data_prep.tokenize (e.g. launch/tokenize_shared.sh)")
     return found
 
 

@@ -268,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as err:
         log.error("%s", err)
         return EXIT_NONFINITE
+    except (ValueError, checkpoint.CheckpointError) as err:  # bad config, data or checkpoint
+        log.debug("details", exc_info=True)
+        log.error("%s (PIANIST_LOG=DEBUG shows the traceback)", err)
+        return 2
     last = result.history[-1] if result.history else {}
     log.info("done: steps %d -> %d%s, last loss %s", result.start_step, result.end_step,
              " (preempted)" if result.preempted else "", last.get("loss"))
