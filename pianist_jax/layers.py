@@ -49,6 +49,18 @@ def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
     return x if fn is None else jax.lax.with_sharding_constraint(x, fn(logical, x.shape))
 
 
+def use_weight(param: nnx.Param, dtype) -> jax.Array:
+    """A parameter as used in a matmul: cast to the compute dtype and, under
+    `activation_sharding`, gathered over the FSDP axis (``embed`` dimensions unsharded) while
+    tensor-parallel dimensions stay split - FSDP's all-gather before use, reduce-scatter of
+    the gradient after, instead of XLA re-sharding activations to match the stored layout."""
+    value = param[...].astype(dtype)
+    if getattr(_CONTEXT, "fn", None) is None:
+        return value
+    names = param.get_metadata().get("out_sharding") or (None,) * value.ndim
+    return constrain(value, *(None if n == "embed" else n for n in names))
+
+
 def logical_param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = None) -> nnx.Param:
     """A parameter with logical axis names; ``std=None`` -> zeros (RMSNorm scales, biases)."""
     if len(shape) != len(axes):
@@ -110,12 +122,12 @@ class Attention(nnx.Module):
         self.dtype = cfg.dtype
 
     def queries(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
-        q = jnp.einsum("btm,mhd->bthd", x, self.q_proj[...].astype(self.dtype))
+        q = jnp.einsum("btm,mhd->bthd", x, use_weight(self.q_proj, self.dtype))
         return apply_rope(q, positions, self.theta) if self.rope else q
 
     def keys_values(self, x: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        k = jnp.einsum("bsm,mkd->bskd", x, self.k_proj[...].astype(self.dtype))
-        v = jnp.einsum("bsm,mkd->bskd", x, self.v_proj[...].astype(self.dtype))
+        k = jnp.einsum("bsm,mkd->bskd", x, use_weight(self.k_proj, self.dtype))
+        v = jnp.einsum("bsm,mkd->bskd", x, use_weight(self.v_proj, self.dtype))
         return (apply_rope(k, positions, self.theta) if self.rope else k), v
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -128,7 +140,7 @@ class Attention(nnx.Module):
         logits = jnp.where(mask[:, None, None, :, :], logits, _NEG)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
-        return jnp.einsum("bthd,hdm->btm", out, self.o_proj[...].astype(self.dtype))
+        return jnp.einsum("bthd,hdm->btm", out, use_weight(self.o_proj, self.dtype))
 
     def __call__(self, x, source, mask, q_positions=None, kv_positions=None) -> jax.Array:
         """Full attention of ``x`` over ``source`` (itself for self-attention), no cache."""
@@ -147,9 +159,9 @@ class MLP(nnx.Module):
         self.dtype = cfg.dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ self.gate_proj[...].astype(self.dtype)
-        up = x @ self.up_proj[...].astype(self.dtype)
-        return (jax.nn.gelu(gate, approximate=True) * up) @ self.down_proj[...].astype(self.dtype)
+        gate = x @ use_weight(self.gate_proj, self.dtype)
+        up = x @ use_weight(self.up_proj, self.dtype)
+        return (jax.nn.gelu(gate, approximate=True) * up) @ use_weight(self.down_proj, self.dtype)
 
 
 class EncoderLayer(nnx.Module):

@@ -24,7 +24,7 @@ from flax import nnx
 
 from pianist_jax.config_schema import SLOTS_PER_NOTE, ModelConfig
 from pianist_jax.layers import (DecoderLayer, EncoderLayer, RMSNorm, constrain, is_sliding,
-                                logical_param, softcap, window_mask)
+                                logical_param, softcap, use_weight, window_mask)
 from pianist_jax.tokenizer import PAD
 
 
@@ -49,8 +49,9 @@ class Encoder(nnx.Module):
             raise ValueError(f"encoder ids length {length} is not a multiple of {SLOTS_PER_NOTE}")
         notes = ids.reshape(b, length // SLOTS_PER_NOTE, SLOTS_PER_NOTE)
         note_mask = jnp.any(notes != PAD, axis=-1)
-        emb = jnp.take(self.word_embeddings[...], notes, axis=0).astype(dtype)  # [B,N,8,H]
-        x = jnp.einsum("bnsh,shd->bnsd", emb, self.slot_kernel[...].astype(dtype))
+        table = use_weight(self.word_embeddings, dtype)
+        emb = jnp.take(table, notes, axis=0)  # [B, N, 8, H]
+        x = jnp.einsum("bnsh,shd->bnsd", emb, use_weight(self.slot_kernel, dtype))
         x = x + self.slot_bias[...].astype(dtype)
         x = x.reshape(b, notes.shape[1], cfg.hidden)
         x = x * jnp.asarray(math.sqrt(cfg.hidden), dtype)  # normaliser after compression
@@ -92,7 +93,8 @@ class Decoder(nnx.Module):
             causal, sliding = causal & real, sliding & real
         cross_mask = enc_mask[:, None, :]
         positions = jnp.broadcast_to(q_pos, (b, t))
-        x = jnp.take(self.embed_tokens[...], ids, axis=0).astype(dtype)
+        table = use_weight(self.embed_tokens, dtype)
+        x = jnp.take(table, ids, axis=0)
         x = constrain(x * jnp.asarray(math.sqrt(cfg.hidden), dtype), "batch", "length", None)
         new_layers = []
         for i, layer in enumerate(self.layers):
@@ -102,10 +104,9 @@ class Decoder(nnx.Module):
             x = constrain(x, "batch", "length", None)
             new_layers.append(layer_cache)
         x = self.norm(x)
-        table = self.embed_tokens[...]
         if vocab_slice is not None:  # only the rows a token slot can take (renderer)
             table = table[vocab_slice[0]:vocab_slice[1]]
-        logits = jnp.einsum("btm,vm->btv", x, table.astype(dtype),
+        logits = jnp.einsum("btm,vm->btv", x, table,
                             preferred_element_type=jnp.float32)
         logits = softcap(logits, cfg.final_logit_softcap)
         new_cache = None if cache is None else {"index": index + t, "layers": new_layers}

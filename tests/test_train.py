@@ -131,24 +131,40 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(shard_dir, tmp_path, rep
     assert np.isfinite(logged[0][2]) and not np.isfinite(logged[-1][2]) and logged[-1][0] == 2
 
 
-def test_gradient_accumulation_matches_one_big_batch(repo_root):
-    os.chdir(repo_root)
-    rng = np.random.default_rng(1)
+def fixed_batch(seed=1):
+    rng = np.random.default_rng(seed)
     ids = np.stack([random_piece(rng, 8) for _ in range(8)]).astype(np.int32)
     mask = rng.random(ids.shape) < 0.3
-    batch = {"encoder_ids": np.where(mask, tokenizer.MASK, ids), "targets": ids,
-             "decoder_input_ids": np.concatenate([np.full((8, 1), tokenizer.BOS), ids[:, :-1]],
-                                                 axis=1).astype(np.int32),
-             "loss_mask": mask.astype(np.float32)}
-    results = []
-    for micro in (1, 4):
-        cfg = load_config(None, ["model=tiny", MESH, "train.batch_size=8",
-                                 f"train.microbatches={micro}", "train.warmup_steps=0"])
-        fns = StepFns(cfg, sharding.make_mesh(cfg.mesh), total_steps=10)
-        state, metrics = fns.train_step(fns.init_state(seed=0),
-                                        jax.device_put(batch, fns.batch_sharding))
-        results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
-    (p1, m1), (p4, m4) = results
+    return {"encoder_ids": np.where(mask, tokenizer.MASK, ids), "targets": ids,
+            "decoder_input_ids": np.concatenate([np.full((8, 1), tokenizer.BOS), ids[:, :-1]],
+                                                axis=1).astype(np.int32),
+            "loss_mask": mask.astype(np.float32)}
+
+
+def one_step(overrides, devices=None):
+    cfg = load_config(None, ["model=tiny", "train.batch_size=8", "train.warmup_steps=0",
+                             *overrides])
+    fns = StepFns(cfg, sharding.make_mesh(cfg.mesh, devices), total_steps=10)
+    state, metrics = fns.train_step(fns.init_state(seed=0),
+                                    jax.device_put(fixed_batch(), fns.batch_sharding))
+    return jax.device_get(state["params"]), jax.device_get(metrics)
+
+
+def test_one_step_is_the_same_on_every_mesh(repo_root):
+    """Data/FSDP (2, 4), FSDP/tensor (1, 2, 4) and a single device compute the same update."""
+    os.chdir(repo_root)
+    p_single, m_single = one_step(["mesh.shape=[1,1,1]"], jax.devices()[:1])
+    for shape in ("[2,4,1]", "[1,2,4]"):
+        params, metrics = one_step([f"mesh.shape={shape}"])
+        np.testing.assert_allclose(metrics["loss"], m_single["loss"], rtol=1e-5)
+        assert tree_equal(params, p_single, lambda a, b: np.allclose(a, b, atol=1e-5))
+
+
+def test_gradient_accumulation_matches_one_big_batch(repo_root):
+    os.chdir(repo_root)
+    mask = fixed_batch()["loss_mask"]
+    p1, m1 = one_step([MESH, "train.microbatches=1"])
+    p4, m4 = one_step([MESH, "train.microbatches=4"])
     assert m1["loss_tokens"] == m4["loss_tokens"] == mask.sum()
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
