@@ -12,6 +12,8 @@ SIGTERM/SIGINT save a checkpoint and exit cleanly (exit code 0, "preempted" in t
 non-finite loss or gradient stops the run (exit code 3) naming the step, with the last good
 parameters and checkpoint kept. Per-step metrics go to ``metrics.jsonl`` (every step, for exact
 comparisons), stdout every ``train.log_every`` steps, and TensorBoard event files under ``tb/``.
+The next batch is read and transferred while the device runs the current step
+(`data.Prefetch`, whose checkpointed state excludes the batch held in hand).
 Multi-process (TPU pods, GPU nodes): pass ``--distributed`` (or set the coordinator flags) and
 every process runs the same command; each reads its own share of the records.
 """
@@ -142,7 +144,8 @@ def run(cfg: Config, *, hooks: tuple[Hook, ...] = (), progress: bool = True,
     if lead:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-    it = data.make_train_iterator(cfg)
+    it = data.Prefetch(data.make_train_iterator(cfg),
+                       lambda b: data.to_global_batch(b, mesh, fns.batch_sharding))
     ckpt = checkpoint.Checkpointer(out_dir / CHECKPOINTS, keep=cfg.train.keep_checkpoints)
     state, start = _start(cfg, fns, ckpt, it)
     metrics_log = MetricsLog(out_dir, lead, start)
@@ -160,9 +163,10 @@ def run(cfg: Config, *, hooks: tuple[Hook, ...] = (), progress: bool = True,
                                 "command to resume", guard.signum, step, ckpt.directory)
                     result.preempted = True
                     break
-                batch = data.to_global_batch(next(it), mesh, fns.batch_sharding)
-                state, metrics = fns.train_step(state, batch)
+                state, metrics = fns.train_step(state, next(it))  # async dispatch
                 step += 1
+                if step < steps:
+                    it.prefetch()  # the next batch loads while the device computes
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 window.append(host)
                 result.history.append({"step": step, **host})
