@@ -142,6 +142,19 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
         return jnp.einsum("bthd,hdm->btm", out, use_weight(self.o_proj, self.dtype))
 
+    def attend_causal(self, q, k, v, mask, chunk: int | None, window: int | None) -> jax.Array:
+        """`attend` for a causal block (query i = key i) in query chunks of ``chunk`` tokens,
+        each over only the keys it may see (from ``s - window + 1`` to the chunk's end)."""
+        t = q.shape[1]
+        if chunk is None or t <= chunk or k.shape[1] != t:
+            return self.attend(q, k, v, mask)
+        outs = []
+        for s in range(0, t, chunk):
+            e = min(s + chunk, t)
+            k0 = 0 if window is None else max(0, s - window + 1)
+            outs.append(self.attend(q[:, s:e], k[:, k0:e], v[:, k0:e], mask[:, s:e, k0:e]))
+        return jnp.concatenate(outs, axis=1)
+
     def __call__(self, x, source, mask, q_positions=None, kv_positions=None) -> jax.Array:
         """Full attention of ``x`` over ``source`` (itself for self-attention), no cache."""
         k, v = self.keys_values(source, kv_positions)
@@ -196,8 +209,10 @@ class DecoderLayer(nnx.Module):
         self.pre_ffw_norm = RMSNorm(cfg.hidden, **kw)
         self.mlp = MLP(cfg, rngs=rngs)
         self.post_ffw_norm = RMSNorm(cfg.hidden, **kw)
+        self.attn_chunk = cfg.attn_chunk
 
-    def __call__(self, x, self_mask, positions, cross_kv, cross_mask, cache=None, index=None):
+    def __call__(self, x, self_mask, positions, cross_kv, cross_mask, cache=None, index=None,
+                 window: int | None = None):
         """One layer. ``cross_kv``: this layer's (k, v) of the encoder states.
 
         With ``cache`` (``{"k", "v"}: [B, S, K, D]``) the new keys/values are written at
@@ -211,7 +226,11 @@ class DecoderLayer(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
             cache = {"k": k, "v": v}
-        x = x + self.post_self_attn_norm(self.self_attn.attend(q, k, v, self_mask))
+        if cache is None:
+            attn = self.self_attn.attend_causal(q, k, v, self_mask, self.attn_chunk, window)
+        else:
+            attn = self.self_attn.attend(q, k, v, self_mask)
+        x = x + self.post_self_attn_norm(attn)
         h = self.pre_cross_attn_norm(x)
         cross = self.cross_attn.attend(self.cross_attn.queries(h, None), *cross_kv, cross_mask)
         x = x + self.post_cross_attn_norm(cross)

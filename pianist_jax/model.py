@@ -99,8 +99,9 @@ class Decoder(nnx.Module):
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, layer_cache = layer(x, sliding if is_sliding(i) else causal, positions,
-                                   cross_kv[i], cross_mask, layer_cache, index)
+            window = cfg.sliding_window if is_sliding(i) else None
+            x, layer_cache = layer(x, sliding if window else causal, positions,
+                                   cross_kv[i], cross_mask, layer_cache, index, window)
             x = constrain(x, "batch", "length", None)
             new_layers.append(layer_cache)
         x = self.norm(x)

@@ -163,3 +163,14 @@ def test_config_sizes():
     # The paper's "135M" also counts two unused 5389 x 768 tables in the reference checkpoint.
     assert counts["base"] + 2 * 5389 * 768 == pytest.approx(135e6, rel=0.01)
     assert flops_per_token(sizes["sym66"], 4096) > 2 * flops_per_token(sizes["base"], 4096)
+
+
+def test_chunked_causal_attention_equals_one_block():
+    """Query chunks that skip hidden keys (incl. a sliding window) change nothing."""
+    base = perturbed_model(tiny_cfg(attn_chunk=None, sliding_window=24, decoder_layers=2))
+    chunked = PianistTransformer(tiny_cfg(attn_chunk=16, sliding_window=24, decoder_layers=2),
+                                 rngs=nnx.Rngs(0))
+    nnx.update(chunked, nnx.state(base.model, nnx.Param))
+    enc = jnp.asarray(real_ids(12)[None])
+    dec = jnp.asarray(real_ids(12, 7)[None])  # 96 tokens = 6 chunks; layer 0 slides
+    np.testing.assert_allclose(Jitted(chunked)(enc, dec), base(enc, dec), atol=1e-5, rtol=1e-6)
