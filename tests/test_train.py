@@ -116,6 +116,22 @@ def test_restore_on_one_device_and_export(uninterrupted, tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_init_from_loads_params_with_a_fresh_optimiser(uninterrupted, shard_dir, tmp_path):
+    """Restore order step 2: a new run dir + train.init_from=<run> starts at step 0 from that
+    run's params (a tiny lr keeps them), with a fresh optimiser state."""
+    _, out_a, result_a = uninterrupted
+    cfg = make_cfg(shard_dir, tmp_path / "init", f"train.init_from={out_a}", "train.steps=1",
+                   "train.warmup_steps=0", "train.lr=1e-12", "train.eval_every=1000")
+    result = train.run(cfg, progress=False)
+    assert (result.start_step, result.end_step) == (0, 1)
+    assert tree_equal(jax.device_get(result.state["params"]),
+                      jax.device_get(result_a.state["params"]),
+                      lambda a, b: np.allclose(a, b, atol=1e-8))
+    counts = [int(x) for x in jax.tree.leaves(jax.device_get(result.state["opt_state"]))
+              if np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype, np.integer)]
+    assert counts and set(counts) == {1}  # one update since a fresh optimiser
+
+
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(shard_dir, tmp_path, repo_root):
     out = tmp_path / "nan"
     code = train.main(["--config", str(repo_root / "configs/pretrain.yaml"), "model=tiny", MESH,
