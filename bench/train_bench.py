@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pianist_jax import sharding, tokenizer
+from pianist_jax import data, sharding, tokenizer
 from pianist_jax.config import load_config
 from pianist_jax.model import flops_per_token, param_count
 from pianist_jax.train_step import StepFns
@@ -51,15 +51,13 @@ def peak_flops(device, dtype: str) -> tuple[float, str]:
 
 
 def synthetic_batch(batch: int, block: int, seed: int = 0) -> dict:
+    """Random in-range ids per slot, masked exactly as the loader masks them (30%)."""
     rng = np.random.default_rng(seed)
     lo, hi = tokenizer.SLOT_RANGES[:, 0], tokenizer.SLOT_RANGES[:, 1]
     slots = np.arange(block) % 8
-    ids = rng.integers(lo[slots], hi[slots], (batch, block)).astype(np.int32)
-    mask = rng.random(ids.shape) < 0.3
-    return {"encoder_ids": np.where(mask, tokenizer.MASK, ids).astype(np.int32),
-            "decoder_input_ids": np.concatenate(
-                [np.full((batch, 1), tokenizer.BOS), ids[:, :-1]], axis=1).astype(np.int32),
-            "targets": ids, "loss_mask": mask.astype(np.float32)}
+    blocks = rng.integers(lo[slots], hi[slots], (batch, block)).astype(np.uint16)
+    examples = [data.mask_block(b, rng, 0.3) for b in blocks]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def main() -> None:

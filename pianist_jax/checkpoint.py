@@ -52,6 +52,7 @@ from pianist_jax.tokenizer import TOKENIZER_VERSION
 log = logging.getLogger(__name__)
 
 STATE, DATA_ITER, CONFIG, META = "state", "data_iter", "config", "meta"
+RUN_SUBDIR = "checkpoints"  # where a training run keeps its checkpoints, under train.output_dir
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax 0.12 last, on local disks and GCS alike
 _VERSIONS = {p: importlib.metadata.version(p) for p in ("jax", "flax", "orbax-checkpoint", "grain")}
 
@@ -204,6 +205,13 @@ class StartPlan:
     kind: Literal["resume", "init", "fresh"]
     path: str | None = None  # resume: the run dir; init: the init_from path
     step: int | None = None  # newest committed step found there
+
+
+def run_checkpoints(path: str | Path) -> Path:
+    """The checkpoint directory of a run: ``PATH/checkpoints`` where a training run wrote one
+    (`pianist_jax.train`), else ``PATH`` itself (already a checkpoint or step directory)."""
+    path = Path(path)
+    return path / RUN_SUBDIR if (path / RUN_SUBDIR).is_dir() else path
 
 
 def resolve_start(output_dir: str | Path, init_from: str | Path | None) -> StartPlan:

@@ -159,8 +159,9 @@ def convert_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
             flat[ours] = w
     for base, parts in slots.items():
         flat[base] = np.stack(parts)
-    _check_shapes(flat, cfg)
-    return export.unflatten(flat)
+    params = export.unflatten(flat)
+    _check_shapes(params, cfg)
+    return params
 
 
 def to_reference_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -177,17 +178,8 @@ def to_reference_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray
     return out
 
 
-def _check_shapes(flat: dict, cfg: ModelConfig) -> None:
-    import jax
-    from flax import nnx
-
-    from pianist_jax.sharding import abstract_model
-
-    _, state = abstract_model(cfg)
-    expected = {k: tuple(v.shape) for k, v in
-                export.flatten(nnx.to_pure_dict(jax.tree.map(lambda x: x, state))).items()}
-    bad = [f"{k}: {tuple(flat[k].shape)} != {shape}" for k, shape in expected.items()
-           if tuple(flat[k].shape) != shape]
+def _check_shapes(params: dict, cfg: ModelConfig) -> None:
+    bad = export.shape_mismatches(params, cfg)
     if bad:
         raise ConversionError("tensor shapes do not match config.json: " + "; ".join(bad[:6]))
 

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -87,7 +88,7 @@ def write_export(out_dir: str | Path, params: Mapping, model_cfg: ModelConfig, *
         old = out.with_name(f".{out.name}.old")
         os.replace(out, old)
         os.replace(tmp, out)
-        _rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
     return out
@@ -113,6 +114,24 @@ def read_export(path: str | Path) -> tuple[ModelConfig, dict, dict]:
     return cfg, unflatten(load_file(str(path / WEIGHTS))), info
 
 
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flat parameter name -> shape that a model with ``cfg`` expects (nothing allocated)."""
+    from flax import nnx
+
+    from pianist_jax.sharding import abstract_model
+
+    _, state = abstract_model(cfg)
+    return {k: tuple(v.shape) for k, v in flatten(nnx.to_pure_dict(state)).items()}
+
+
+def shape_mismatches(params: Mapping, cfg: ModelConfig) -> list[str]:
+    """Names missing, unexpected or of the wrong shape in ``params`` (nested dict) for ``cfg``."""
+    expected = param_shapes(cfg)
+    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+    return [f"{k}: {got.get(k, 'missing')} != {expected.get(k, 'unexpected')}"
+            for k in sorted(set(expected) | set(got)) if got.get(k) != expected.get(k)]
+
+
 def load_model(path: str | Path, dtype: str | None = None):
     """An NNX `PianistTransformer` with the exported params (compute in ``dtype``, default
     float32), on the default device. Checks every parameter's name and shape."""
@@ -125,11 +144,9 @@ def load_model(path: str | Path, dtype: str | None = None):
     cfg = dataclasses.replace(cfg, dtype=dtype or "float32")
     model = nnx.eval_shape(lambda: PianistTransformer(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
-    expected = {k: v.shape for k, v in flatten(nnx.to_pure_dict(state)).items()}
-    got = {k: v.shape for k, v in flatten(params).items()}
-    if expected != got:
-        diff = sorted(set(expected.items()) ^ set(got.items()))[:8]
-        raise ExportError(f"{path}: parameters do not match the model config: {diff}")
+    bad = shape_mismatches(params, cfg)
+    if bad:
+        raise ExportError(f"{path}: parameters do not match the model config: {bad[:8]}")
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
     nnx.update(model, state)
     return model
@@ -145,7 +162,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str =
     from pianist_jax import checkpoint, sharding
 
     ckpt_dir = Path(ckpt_dir)
-    run_dir = ckpt_dir / "checkpoints" if (ckpt_dir / "checkpoints").is_dir() else ckpt_dir
+    run_dir = checkpoint.run_checkpoints(ckpt_dir)
     cfg = checkpoint.load_config_from_checkpoint(run_dir, step)
     _, abstract = sharding.abstract_model(cfg.model)
     one = NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",)), P())
@@ -156,12 +173,6 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str =
     source = {"checkpoint": str(ckpt_dir.resolve()), "run": cfg.name,
               "step": step if step is not None else (steps[-1] if steps else None)}
     return write_export(out_dir, jax.device_get(params), cfg.model, dtype=dtype, source=source)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

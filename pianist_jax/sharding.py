@@ -76,14 +76,6 @@ def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(model, nnx.Param)
 
 
-def logical_axes(model_cfg: ModelConfig) -> dict:
-    """Pure dict (same structure as the params) of each parameter's logical axis names."""
-    _, state = abstract_model(model_cfg)
-    axes = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.to_pure_dict(axes)
-
-
 def param_specs(model_cfg: ModelConfig, rules: Rules, mesh: Mesh | None = None) -> dict:
     """Pure dict of PartitionSpecs for the params under ``rules`` (and ``mesh`` if given)."""
     _, state = abstract_model(model_cfg)
@@ -131,14 +123,8 @@ def batch_spec(rules: Rules, mesh: Mesh | None = None, rank: int = 2) -> P:
     return logical_to_spec(("batch",) + (None,) * (rank - 1), rules, mesh)
 
 
-def describe_specs(specs: Mapping, prefix: str = "") -> list[str]:
-    """``path: PartitionSpec`` lines (sorted), for logs and the golden test."""
-    lines = []
-    for key in sorted(specs, key=str):
-        value = specs[key]
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            lines.extend(describe_specs(value, path))
-        else:
-            lines.append(f"{path}: {value}")
-    return lines
+def describe_specs(specs: Mapping) -> list[str]:
+    """``path: PartitionSpec`` lines sorted by path, for logs and the golden test."""
+    from pianist_jax.export import flatten
+
+    return [f"{path}: {spec}" for path, spec in sorted(flatten(specs).items())]

@@ -39,7 +39,6 @@ from pianist_jax.train_step import StepFns
 
 log = logging.getLogger("pianist_jax.train")
 EXIT_NONFINITE = 3
-CHECKPOINTS = "checkpoints"  # under train.output_dir
 
 
 class NonFiniteError(RuntimeError):
@@ -116,9 +115,7 @@ def evaluate(fns: StepFns, cfg: Config, params: dict, mesh) -> dict | None:
 
 
 def _start(cfg: Config, fns: StepFns, ckpt: checkpoint.Checkpointer, it) -> tuple[dict, int]:
-    init_from = cfg.train.init_from
-    if init_from and (Path(init_from) / CHECKPOINTS).is_dir():  # a run directory
-        init_from = str(Path(init_from) / CHECKPOINTS)
+    init_from = cfg.train.init_from and str(checkpoint.run_checkpoints(cfg.train.init_from))
     plan = checkpoint.resolve_start(ckpt.directory, init_from)
     if plan.kind == "resume":
         step, state = ckpt.restore(fns.abstract_state(), data_iter=it, config=cfg)
@@ -146,7 +143,7 @@ def run(cfg: Config, *, hooks: tuple[Hook, ...] = (), progress: bool = True,
         save_config(cfg, out_dir / "config.yaml")
     it = data.Prefetch(data.make_train_iterator(cfg),
                        lambda b: data.to_global_batch(b, mesh, fns.batch_sharding))
-    ckpt = checkpoint.Checkpointer(out_dir / CHECKPOINTS, keep=cfg.train.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(out_dir / checkpoint.RUN_SUBDIR, keep=cfg.train.keep_checkpoints)
     state, start = _start(cfg, fns, ckpt, it)
     metrics_log = MetricsLog(out_dir, lead, start)
     result = RunResult(state=state, start_step=start, end_step=start)

@@ -85,10 +85,17 @@ class StepFns:
 
     # ----------------------------------------------------------------------- state
 
+    def _abstract_params(self) -> dict:
+        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                            nnx.to_pure_dict(self.abstract))
+
+    def _fresh(self, params: dict) -> dict:
+        """The state at step 0 around ``params``: one definition for init and restore targets."""
+        return {"params": params, "opt_state": self.tx.init(params),
+                "step": jnp.zeros((), jnp.int32), "bad_step": jnp.full((), -1, jnp.int32)}
+
     def _state_specs(self) -> dict:
-        abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                                       nnx.to_pure_dict(self.abstract))
-        opt_shape = jax.eval_shape(self.tx.init, abstract_params)
+        opt_shape = jax.eval_shape(self.tx.init, self._abstract_params())
         opt_specs = optax.tree_utils.tree_map_params(
             self.tx, lambda _, spec: spec, opt_shape, self.param_specs,
             transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
@@ -99,23 +106,13 @@ class StepFns:
         if params is None:
             params = sharding.init_params(self.cfg.model, self.mesh, self.cfg.mesh.rules, seed)
         params = jax.device_put(params, self.state_shardings["params"])
-        make = jax.jit(lambda p: {"params": p, "opt_state": self.tx.init(p),
-                                  "step": jnp.zeros((), jnp.int32),
-                                  "bad_step": jnp.full((), -1, jnp.int32)},
-                       out_shardings=self.state_shardings)
-        return make(params)
+        return jax.jit(self._fresh, out_shardings=self.state_shardings)(params)
 
     def abstract_state(self) -> dict:
         """Shapes, dtypes and shardings of the state on *this* mesh (the restore target)."""
-        shapes = jax.eval_shape(lambda: self.init_state_shapes())
+        shapes = jax.eval_shape(self._fresh, self._abstract_params())
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, self.state_shardings)
-
-    def init_state_shapes(self) -> dict:
-        params = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype),
-                              nnx.to_pure_dict(self.abstract))
-        return {"params": params, "opt_state": self.tx.init(params),
-                "step": jnp.zeros((), jnp.int32), "bad_step": jnp.zeros((), jnp.int32)}
 
     # ----------------------------------------------------------------------- steps
 

@@ -24,16 +24,11 @@ TOL = 1e-4
 # Small but with every feature that matters: GQA (2 query heads per KV head), several layers
 # so sliding (0, 2) and full (1) layers alternate, a sliding window shorter than the encoder
 # input (2-sided: |i - j| < 6 notes) and than the decoder input (causal: i - j < 6 tokens).
+TINY = ref.model_cfg_from_yaml("model/tiny.yaml")
 CONFIGS = {
-    "tiny": dict(vocab_size=5389, hidden=64, mlp=256, num_heads=4, num_kv_heads=2, head_dim=16,
-                 encoder_layers=2, decoder_layers=1, query_pre_attn_scalar=256.0,
-                 attn_logit_softcap=50.0, final_logit_softcap=30.0, rope_theta=10000.0,
-                 sliding_window=1024, rms_norm_eps=1e-6),
-    "deep_windowed": dict(vocab_size=5389, hidden=96, mlp=192, num_heads=4, num_kv_heads=2,
-                          head_dim=32, encoder_layers=3, decoder_layers=3,
-                          query_pre_attn_scalar=256.0, attn_logit_softcap=50.0,
-                          final_logit_softcap=30.0, rope_theta=10000.0, sliding_window=6,
-                          rms_norm_eps=1e-6),
+    "tiny": TINY,
+    "deep_windowed": dict(TINY, hidden=96, mlp=192, head_dim=32, encoder_layers=3,
+                          decoder_layers=3, sliding_window=6),
 }
 
 
