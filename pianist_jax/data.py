@@ -400,5 +400,9 @@ class Prefetch:
         self._it.set_state(state)
         self._held = None
 
+    def close(self) -> None:
+        """Stop the wrapped iterator's worker processes (if any)."""
+        getattr(self._it, "close", lambda: None)()
+
     def start_prefetch(self) -> None:  # Grain's restore hook, forwarded
         getattr(self._it, "start_prefetch", lambda: None)()

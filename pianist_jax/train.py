@@ -195,6 +195,7 @@ def run(cfg: Config, *, hooks: tuple[Hook, ...] = (), progress: bool = True,
     finally:
         ckpt.wait()
         ckpt.close()
+        it.close()
         metrics_log.close()
         if bar is not None:
             bar.close()
