@@ -80,12 +80,14 @@ class Decoder(nnx.Module):
         """Per-layer cross-attention keys/values: computed once per encoded window."""
         return [layer.cross_attn.keys_values(enc_states, None) for layer in self.layers]
 
-    def __call__(self, ids, cross_kv, enc_mask, cache=None, vocab_slice=None):
+    def __call__(self, ids, cross_kv, enc_mask, cache=None, vocab_slice=None, attend_len=None):
         cfg, dtype = self.cfg, self.cfg.dtype
         b, t = ids.shape
         index = 0 if cache is None else cache["index"]
         q_pos = index + jnp.arange(t)
-        k_pos = q_pos if cache is None else jnp.arange(cache["layers"][0]["k"].shape[1])
+        if cache is not None and attend_len is None:
+            attend_len = cache["layers"][0]["v"].shape[2]
+        k_pos = q_pos if cache is None else jnp.arange(attend_len)
         causal = window_mask(q_pos, k_pos, None, causal=True)[None]
         sliding = window_mask(q_pos, k_pos, cfg.sliding_window, causal=True)[None]
         if cache is None:  # as T5Gemma: PAD keys are masked (only rows after a PAD change)
@@ -101,7 +103,7 @@ class Decoder(nnx.Module):
             layer_cache = None if cache is None else cache["layers"][i]
             window = cfg.sliding_window if is_sliding(i) else None
             x, layer_cache = layer(x, sliding if window else causal, positions,
-                                   cross_kv[i], cross_mask, layer_cache, index, window)
+                                   cross_kv[i], cross_mask, layer_cache, index, window, attend_len)
             x = constrain(x, "batch", "length", None)
             new_layers.append(layer_cache)
         x = self.norm(x)
@@ -127,9 +129,12 @@ class PianistTransformer(nnx.Module):
         of its 8 tokens is not PAD)."""
         return self.encoder(jnp.asarray(encoder_ids))
 
-    def decode(self, decoder_ids, enc_states, enc_mask, cache=None, vocab_slice=None):
+    def decode(self, decoder_ids, enc_states, enc_mask, cache=None, vocab_slice=None,
+               attend_len=None):
         """Logits for ``decoder_ids [B, T]``; with ``cache`` (from `init_cache`) the tokens are
-        placed at ``cache["index"]`` and ``(logits, new_cache)`` is returned."""
+        placed at ``cache["index"]`` and ``(logits, new_cache)`` is returned. ``attend_len``
+        (static): attend only to the first that many cache entries - the caller guarantees
+        ``cache["index"] + T <= attend_len`` (the renderer's note segments)."""
         if cache is None:
             cross = self.decoder.cross_kv(enc_states)
             logits, _ = self.decoder(jnp.asarray(decoder_ids), cross, enc_mask, None, vocab_slice)
@@ -137,7 +142,7 @@ class PianistTransformer(nnx.Module):
         cross = [(layer["ck"], layer["cv"]) for layer in cache["cross"]]
         self_cache = {"index": cache["index"], "layers": cache["layers"]}
         logits, new = self.decoder(jnp.asarray(decoder_ids), cross, enc_mask, self_cache,
-                                   vocab_slice)
+                                   vocab_slice, attend_len)
         return logits, {**cache, "index": new["index"], "layers": new["layers"]}
 
     def init_cache(self, enc_states: jax.Array, max_length: int, dtype=None) -> dict:
@@ -145,11 +150,12 @@ class PianistTransformer(nnx.Module):
         cfg = self.cfg
         dtype = dtype or cfg.dtype
         b = enc_states.shape[0]
-        shape = (b, max_length, cfg.num_kv_heads, cfg.head_dim)
+        kv, d = cfg.num_kv_heads, cfg.head_dim
         cross = self.decoder.cross_kv(enc_states)
         return {
             "index": jnp.zeros((), jnp.int32),
-            "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            "layers": [{"k": jnp.zeros((b, kv, d, max_length), dtype),  # keys transposed
+                        "v": jnp.zeros((b, kv, max_length, d), dtype)}
                        for _ in range(cfg.decoder_layers)],
             "cross": [{"ck": k, "cv": v} for k, v in cross],
         }

@@ -1,0 +1,257 @@
+"""The jitted core of the renderer: one window of notes, encoded once, decoded in one XLA loop.
+
+Why it is shaped this way (measured on a 2-core CPU, `bench/render_bench.py`):
+- Decoding is memory-bound: every decoder step reads all decoder weights, so the work per note
+  is what counts. The pitch of every note is known (pitch forcing), so the step that would
+  predict it is fused with the next one: ``[previous Pedal4, Pitch]`` go in together and yield
+  the IOI. That makes 7 decoder steps per note instead of 8.
+- Logits are computed only over the slot's valid id range (velocity 128, time 5000, pedal 128
+  rows), from output tables sliced and transposed once per window, outside the loop.
+- The self-attention cache is kept in chunks of 64 notes (512 tokens), keys transposed
+  (``[B, K, D, S]``): a 64-note segment attends to one read-only "past" buffer plus the chunk it
+  is writing, with one exact softmax over both. A note near the start of a window reads little
+  cache, and XLA never copies or transposes the cache inside the loop.
+- The whole window is one `jax.jit` call (``while_loop`` per segment, the 7 steps unrolled):
+  no Python per-token loop, no host round trips; compiled once per (bucket, prime) shape.
+
+Sampling is per row: temperature (0 = greedy) and top-p inside the slot's range, with a key
+folded from (row key, global note index, slot), so a note's draw does not depend on the
+window it is rendered in, on the batch, or on the other rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pianist_jax.layers import _NEG, is_sliding, softcap
+from pianist_jax.tokenizer import (BOS, MAX_IOI_MS, PEDAL_START, TIME_START, TOKENS_PER_NOTE,
+                                   VELOCITY_START)
+
+SEGMENT_NOTES = 64  # cache chunk: 512 tokens
+
+def _attend(attn, q: jax.Array, parts) -> jax.Array:
+    """Softmax attention of ``q [B, T, H, D]`` over the concatenation of ``parts``
+    (``k_t [B, K, D, S]``, ``v [B, K, S, D]``, boolean mask ``[B|1, T, S]``), then ``o_proj``."""
+    b, t, n, d = q.shape
+    kv = parts[0][0].shape[1]
+    qg = q.reshape(b, t, kv, n // kv, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    scale = jnp.asarray(attn.scale, q.dtype)
+    logits = jnp.concatenate([jnp.einsum("bkgtd,bkds->bkgts", qg, k_t) for k_t, _, _ in parts],
+                             axis=-1) * scale
+    logits = softcap(logits.astype(jnp.float32), attn.logit_cap)
+    mask = jnp.concatenate([jnp.broadcast_to(m, (b, t, m.shape[-1])) for _, _, m in parts], -1)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, _NEG), axis=-1)
+    out, start = 0.0, 0
+    for _, v, _ in parts:
+        p = probs[..., start:start + v.shape[2]].astype(v.dtype)
+        out = out + jnp.einsum("bkgts,bksd->btkgd", p, v)
+        start += v.shape[2]
+    out = out.reshape(b, t, n, d)
+    return jnp.einsum("bthd,hdm->btm", out, attn.o_proj[...])
+
+
+def _key_mask(q_pos, k_pos, window: int | None) -> jax.Array:
+    diff = q_pos[:, None] - k_pos[None, :]
+    mask = diff >= 0
+    return mask if window is None else mask & (diff < window)
+
+
+def _decoder_step(model, ids, pos0, cross, past, cur, cur_base):
+    """Run the decoder on ``ids [B, T]`` at positions ``pos0 ..``; writes their keys/values into
+    the current chunks ``cur`` (list per layer of ``(k_t, v)``) at ``pos0 - cur_base``.
+    Returns the final hidden state of the last token ``[B, H]`` and the updated chunks."""
+    dec, cfg = model.decoder, model.cfg
+    b, t = ids.shape
+    q_pos = pos0 + jnp.arange(t)
+    positions = jnp.broadcast_to(q_pos, (b, t))
+    x = jnp.take(dec.embed_tokens[...], ids, axis=0) * jnp.asarray(math.sqrt(cfg.hidden),
+                                                                   cfg.dtype)
+    new_cur = []
+    for i, layer in enumerate(dec.layers):
+        window = cfg.sliding_window if is_sliding(i) else None
+        h = layer.pre_self_attn_norm(x)
+        q = layer.self_attn.queries(h, positions)
+        k, v = layer.self_attn.keys_values(h, positions)
+        ck, cv = cur[i]
+        off = pos0 - cur_base
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype),
+                                                 off, 3)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype),
+                                                 off, 2)
+        new_cur.append((ck, cv))
+        parts = []
+        if past is not None:
+            pk, pv = past[i]
+            parts.append((pk, pv, _key_mask(q_pos, jnp.arange(pv.shape[2]), window)[None]))
+        parts.append((ck, cv, _key_mask(q_pos, cur_base + jnp.arange(cv.shape[2]), window)[None]))
+        x = x + layer.post_self_attn_norm(_attend(layer.self_attn, q, parts))
+        h = layer.pre_cross_attn_norm(x)
+        x = x + layer.post_cross_attn_norm(
+            _attend(layer.cross_attn, layer.cross_attn.queries(h, None), [cross[i]]))
+        x = x + layer.post_ffw_norm(layer.mlp(layer.pre_ffw_norm(x)))
+    return dec.norm(x[:, -1]), new_cur
+
+
+def _search(lo, hi, rounds: int, count_fn, ways: int = 16):
+    """Largest integer ``x`` in ``[lo, hi]`` with ``count_fn(x)`` true (monotone: true up to
+    some point), per row, by a ``ways``-ary search: ``rounds`` rounds of ``ways`` candidates.
+    Vectorised (no sort, no cumulative sum: both are slow in XLA on CPU)."""
+    steps = jnp.arange(1, ways + 1, dtype=lo.dtype)
+    for _ in range(rounds):
+        width = jnp.maximum((hi - lo + ways) // (ways + 1), 1)
+        cand = jnp.minimum(lo[:, None] + steps * width[:, None], hi[:, None])  # [B, ways]
+        ok = count_fn(cand)  # [B, ways] bool, true for a prefix of the candidates
+        best = jnp.max(jnp.where(ok, cand, lo[:, None]), axis=-1)
+        first_bad = jnp.min(jnp.where(ok, hi[:, None] + 1, cand), axis=-1)
+        lo, hi = best, jnp.minimum(first_bad - 1, hi)
+    return lo
+
+
+def sample(logits: jax.Array, u: jax.Array, temperature: jax.Array,
+           top_p: jax.Array) -> jax.Array:
+    """Index into ``logits [B, n]`` per row: greedy when temperature is 0, else top-p sampling
+    at that temperature with the uniform numbers ``u [B]`` (inverse CDF, so one random number
+    per draw).
+
+    The nucleus is every id whose probability is >= the largest threshold ``x`` for which the
+    ids >= ``x`` hold at least ``top_p`` of the mass (ties at the threshold are all kept).
+    Both the threshold (over the float32 bit patterns of the probabilities, which order like
+    the values) and the drawn id are found by vectorised search.
+    """
+    greedy = jnp.argmax(logits, axis=-1)
+    probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0, monotone in the value
+    b, n = probs.shape
+
+    def enough_mass(x):  # [B, W] thresholds -> mass of ids >= x reaches top_p
+        mass = jnp.sum(jnp.where(bits[:, None, :] >= x[:, :, None], probs[:, None, :], 0.0), -1)
+        return mass >= top_p[:, None]
+
+    zero = jnp.zeros((b,), jnp.int32)
+    threshold = _search(zero, jnp.max(bits, axis=-1), 8, enough_mass)
+    kept = jnp.where(bits >= threshold[:, None], probs, 0.0)
+    target = u * jnp.sum(kept, axis=-1)
+    index = jnp.arange(n, dtype=jnp.int32)
+
+    def below(m):  # [B, W] -> mass of ids < m is <= target
+        mass = jnp.sum(jnp.where(index[None, None, :] < m[:, :, None], kept[:, None, :], 0.0), -1)
+        return mass <= target[:, None]
+
+    drawn = _search(zero, jnp.full((b,), n - 1, jnp.int32), 4, below)
+    # an id with zero kept mass is never chosen: step forward to the next kept id if needed
+    drawn = jnp.where(jnp.take_along_axis(kept, drawn[:, None], -1)[:, 0] > 0, drawn,
+                      jnp.argmax((index[None, :] >= drawn[:, None]) & (kept > 0), axis=-1))
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+def _uniforms(row_keys, note_index, slot):
+    """One uniform number per row for (global note index, slot): independent of the window
+    and of the other rows."""
+    def one(key, j):
+        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, j), slot))
+    return jax.vmap(one)(row_keys, note_index)
+
+
+def make_window_fn(model_graphdef, notes: int, prime_notes: int) -> Callable:
+    """Pure function rendering one window of ``notes`` notes whose first ``prime_notes`` are
+    given (the previous window's output); jit it with `jit_window`.
+
+    Arguments: ``params`` (NNX pure state), ``enc_ids [B, 8*notes]`` (score tokens, PAD after
+    the piece), ``prime [B, 8*prime_notes]`` (performance tokens), ``n_notes [B]`` (real notes
+    in the window), ``row_keys [B, 2]`` (uint32 PRNG keys), ``first_note [B]`` (global index of
+    the window's first note, for the sampling keys), ``temperature [B]``, ``top_p [B]``.
+    Returns ``[B, 8*notes]`` tokens: the prime, then the rendered notes (pitch = score).
+    """
+    if notes % SEGMENT_NOTES and notes > SEGMENT_NOTES:
+        raise ValueError(f"window of {notes} notes is not a multiple of {SEGMENT_NOTES}")
+    chunk_notes = min(notes, SEGMENT_NOTES)
+    chunk = chunk_notes * TOKENS_PER_NOTE
+    n_chunks = notes // chunk_notes
+    tokens = notes * TOKENS_PER_NOTE
+
+    def window_fn(params, enc_ids, prime, n_notes, row_keys, first_note, temperature, top_p):
+        model = nnx.merge(model_graphdef, params)
+        cfg, dtype = model.cfg, model.cfg.dtype
+        b = enc_ids.shape[0]
+        states, enc_mask = model.encode(enc_ids)
+        cross = []
+        for layer in model.decoder.layers:
+            k, v = layer.cross_attn.keys_values(states, None)  # [B, N, K, D]
+            cross.append((k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), enc_mask[:, None]))
+        table = model.decoder.embed_tokens[...]
+        time_table = table[TIME_START:TIME_START + 5000].T  # [H, 5000]: IOI and duration
+        small = jnp.stack([table[VELOCITY_START:VELOCITY_START + 128].T,  # [2, H, 128]
+                           table[PEDAL_START:PEDAL_START + 128].T])
+
+        def pick(x, kind, note_index, slot, n_valid, is_pedal=None):
+            """Sample one slot's id from the final hidden state ``x [B, H]``."""
+            w = time_table if kind == "time" else small[is_pedal.astype(jnp.int32)]
+            logits = softcap(jnp.einsum("bh,hn->bn", x, w, preferred_element_type=jnp.float32),
+                             cfg.final_logit_softcap)
+            if n_valid < logits.shape[-1]:  # IOI: the time ids past 4990 ms are not valid
+                logits = jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, -jnp.inf)
+            u = _uniforms(row_keys, note_index, slot)
+            offset = (TIME_START if kind == "time"
+                      else jnp.where(is_pedal, PEDAL_START, VELOCITY_START))
+            return sample(logits, u, temperature, top_p) + offset
+        prime_len = prime_notes * TOKENS_PER_NOTE
+        cache = model.init_cache(states, tokens, dtype)
+        if prime_notes:  # BOS + the prime except its last token (it goes in with the next pitch)
+            ids = jnp.concatenate([jnp.full((b, 1), BOS, prime.dtype), prime[:, :-1]], axis=1)
+            _, cache = model.decode(ids, None, enc_mask, cache, vocab_slice=(0, 1),
+                                    attend_len=prime_len)
+            last = prime[:, -1]
+        else:
+            last = jnp.full((b,), BOS, enc_ids.dtype)
+        full = [(c["k"], c["v"]) for c in cache["layers"]]
+        pitch = enc_ids.reshape(b, notes, TOKENS_PER_NOTE)[:, :, 0]
+        out = jnp.zeros((b, notes, TOKENS_PER_NOTE), enc_ids.dtype)
+        if prime_notes:
+            out = out.at[:, :prime_notes].set(prime.reshape(b, prime_notes, TOKENS_PER_NOTE))
+        n_max = jnp.max(n_notes)
+
+        for m in range(n_chunks):
+            lo_note, hi_note = m * chunk_notes, (m + 1) * chunk_notes
+            if hi_note <= prime_notes:
+                continue
+            base = m * chunk
+            cur = [(k[..., base:base + chunk], v[:, :, base:base + chunk]) for k, v in full]
+            past = None if m == 0 else [(k[..., :base], v[:, :, :base]) for k, v in full]
+
+            def note_step(carry, past=past, base=base):
+                j, cur, last, out = carry
+                pos = j * TOKENS_PER_NOTE
+                x, cur = _decoder_step(model, jnp.stack([last, pitch[:, j]], axis=1), pos, cross,
+                                       past, cur, base)
+                ioi = pick(x, "time", first_note + j, 1, MAX_IOI_MS + 1)
+                row = jnp.zeros((b, TOKENS_PER_NOTE), out.dtype).at[:, 0].set(pitch[:, j])
+                row = row.at[:, 1].set(ioi.astype(out.dtype))
+
+                def slot_step(s, c):  # slots 2..7: velocity, duration, pedal 1-4
+                    prev, cur, row = c
+                    x, cur = _decoder_step(model, prev[:, None], pos + s, cross, past, cur, base)
+                    tok = jax.lax.cond(
+                        s == 3, lambda: pick(x, "time", first_note + j, s, 5000),
+                        lambda: pick(x, "small", first_note + j, s, 128, s > 2)).astype(row.dtype)
+                    return tok, cur, jax.lax.dynamic_update_slice_in_dim(row, tok[:, None], s, 1)
+
+                last, cur, row = jax.lax.fori_loop(2, TOKENS_PER_NOTE, slot_step,
+                                                   (row[:, 1], cur, row))
+                out = jax.lax.dynamic_update_slice_in_dim(out, row[:, None], j, 1)
+                return j + 1, cur, last, out
+
+            start = max(lo_note, prime_notes)
+            stop = jnp.minimum(hi_note, n_max)
+            _, cur, last, out = jax.lax.while_loop(lambda c, stop=stop: c[0] < stop, note_step,
+                                                   (jnp.int32(start), cur, last, out))
+            full = [(jax.lax.dynamic_update_slice_in_dim(fk, ck, base, 3),
+                     jax.lax.dynamic_update_slice_in_dim(fv, cv, base, 2))
+                    for (fk, fv), (ck, cv) in zip(full, cur)]
+        return out.reshape(b, tokens)
+
+    return window_fn
