@@ -256,7 +256,8 @@ class PretrainExample:
         return mask_block(crop_block(block, rng, self.crop_prob), rng, self.mask_prob)
 
 
-# data.kind -> (DataConfig, split) -> callable(block, rng) -> Example. SFT plugs in here.
+# data.kind -> (DataConfig, split) -> callable(block, rng) -> Example, for packed-block kinds
+# (SFT windows are built in pianist_jax.data_sft).
 EXAMPLE_BUILDERS: dict[str, Callable[[DataConfig, Split], Callable[..., Example]]] = {
     "pretrain": PretrainExample,
 }
@@ -304,9 +305,15 @@ def make_dataset(cfg: Config, *, process_index: int | None = None,
     sources = data.sources if split == "train" else data.eval_sources
     if not sources:
         raise ValueError(f"data.{'sources' if split == 'train' else 'eval_sources'} is empty")
-    if data.kind not in EXAMPLE_BUILDERS:
-        raise NotImplementedError(f"data.kind={data.kind!r}: no example builder yet")
     batch = local_batch_size(cfg, process_count)
+    if data.kind == "sft":  # aligned pairs: windows, not packed blocks (pianist_jax.data_sft)
+        from pianist_jax import data_sft
+
+        ds = data_sft.make_sft_dataset(cfg, process_index=process_index,
+                                       process_count=process_count, batch=batch, split=split)
+        return _with_workers(ds, data.worker_count)
+    if data.kind not in EXAMPLE_BUILDERS:
+        raise NotImplementedError(f"data.kind={data.kind!r}: no example builder")
     seed = derive_seed(data.seed, split)
 
     blocks = {}
@@ -321,10 +328,13 @@ def make_dataset(cfg: Config, *, process_index: int | None = None,
         ds = grain.IterDataset.mix(blocks, {s.name: s.weight for s in sources})
     builder = EXAMPLE_BUILDERS[data.kind](data, split)
     ds = ds.random_map(builder, seed=derive_seed(seed, "example", process_index))
-    ds = ds.batch(batch, drop_remainder=True)
-    if data.worker_count > 0:
+    return _with_workers(ds.batch(batch, drop_remainder=True), data.worker_count)
+
+
+def _with_workers(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+    if worker_count > 0:
         _allow_unparsed_grain_flag()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count,
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                          per_worker_buffer_size=2))
     return ds
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -60,9 +61,15 @@ Hook = Callable[[int, dict], None]  # called after every step with (step, metric
 
 
 def total_steps(cfg: Config) -> int:
-    if cfg.train.steps is None:
-        raise ValueError("train.steps is null: epoch-based step counts come with SFT data")
-    return cfg.train.steps
+    """``train.steps``, or with ``train.steps: null`` ``epochs x examples / global batch``
+    (rounded up) over the SFT index."""
+    if cfg.train.steps is not None:
+        return cfg.train.steps
+    if cfg.data.kind != "sft":
+        raise ValueError("train.steps is null: epoch-based step counts need data.kind=sft")
+    from pianist_jax import data_sft
+
+    return math.ceil(cfg.train.epochs * data_sft.examples_per_epoch(cfg) / cfg.train.batch_size)
 
 
 class MetricsLog:
@@ -107,7 +114,11 @@ def evaluate(fns: StepFns, cfg: Config, params: dict, mesh) -> dict | None:
     it = data.make_train_iterator(cfg, split="eval")
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for _ in range(cfg.train.eval_steps):
-        batch = data.to_global_batch(next(it), mesh, fns.batch_sharding)
+        try:  # SFT validation is one finite pass; pre-training eval repeats
+            local = next(it)
+        except StopIteration:
+            break
+        batch = data.to_global_batch(local, mesh, fns.batch_sharding)
         sums = jax.device_get(fns.eval_step(params, batch))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     count = max(totals["count"], 1.0)
