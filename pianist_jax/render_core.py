@@ -36,23 +36,25 @@ SEGMENT_NOTES = 64  # cache chunk: 512 tokens
 
 def _attend(attn, q: jax.Array, parts) -> jax.Array:
     """Softmax attention of ``q [B, T, H, D]`` over the concatenation of ``parts``
-    (``k_t [B, K, D, S]``, ``v [B, K, S, D]``, boolean mask ``[B|1, T, S]``), then ``o_proj``."""
+    (``(keys, v [B, K, S, D], mask [B|1, T, S], keys_transposed)``: keys are ``[B, K, D, S]``
+    when transposed - the long read-only past - else ``[B, K, S, D]``), then ``o_proj``."""
     b, t, n, d = q.shape
-    kv = parts[0][0].shape[1]
+    kv = parts[0][1].shape[1]
     qg = q.reshape(b, t, kv, n // kv, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     scale = jnp.asarray(attn.scale, q.dtype)
-    logits = jnp.concatenate([jnp.einsum("bkgtd,bkds->bkgts", qg, k_t) for k_t, _, _ in parts],
-                             axis=-1) * scale
+    logits = jnp.concatenate(
+        [jnp.einsum("bkgtd,bkds->bkgts" if transposed else "bkgtd,bksd->bkgts", qg, keys)
+         for keys, _, _, transposed in parts], axis=-1) * scale
     logits = softcap(logits.astype(jnp.float32), attn.logit_cap)
-    mask = jnp.concatenate([jnp.broadcast_to(m, (b, t, m.shape[-1])) for _, _, m in parts], -1)
+    mask = jnp.concatenate([jnp.broadcast_to(m, (b, t, m.shape[-1])) for _, _, m, _ in parts], -1)
     probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, _NEG), axis=-1)
     out, start = 0.0, 0
-    for _, v, _ in parts:
+    for _, v, _, _ in parts:
         p = probs[..., start:start + v.shape[2]].astype(v.dtype)
-        out = out + jnp.einsum("bkgts,bksd->btkgd", p, v)
+        out = out + jnp.einsum("bkgts,bksd->bkgtd", p, v)
         start += v.shape[2]
-    out = out.reshape(b, t, n, d)
-    return jnp.einsum("bthd,hdm->btm", out, attn.o_proj[...])
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)  # heads in o_proj's order
+    return out @ attn.o_proj[...].reshape(n * d, -1)
 
 
 def _key_mask(q_pos, k_pos, window: int | None) -> jax.Array:
@@ -77,18 +79,20 @@ def _decoder_step(model, ids, pos0, cross, past, cur, cur_base):
         h = layer.pre_self_attn_norm(x)
         q = layer.self_attn.queries(h, positions)
         k, v = layer.self_attn.keys_values(h, positions)
-        ck, cv = cur[i]
+        ck, cv = cur[i]  # [B, K, S, D]: a new row is one contiguous write
         off = pos0 - cur_base
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype),
-                                                 off, 3)
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype),
+                                                 off, 2)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype),
                                                  off, 2)
         new_cur.append((ck, cv))
         parts = []
         if past is not None:
-            pk, pv = past[i]
-            parts.append((pk, pv, _key_mask(q_pos, jnp.arange(pv.shape[2]), window)[None]))
-        parts.append((ck, cv, _key_mask(q_pos, cur_base + jnp.arange(cv.shape[2]), window)[None]))
+            pk_t, pv = past[i]
+            parts.append((pk_t, pv, _key_mask(q_pos, jnp.arange(pv.shape[2]), window)[None],
+                          True))
+        parts.append((ck, cv, _key_mask(q_pos, cur_base + jnp.arange(cv.shape[2]), window)[None],
+                      False))
         x = x + layer.post_self_attn_norm(_attend(layer.self_attn, q, parts))
         h = layer.pre_cross_attn_norm(x)
         x = x + layer.post_cross_attn_norm(
@@ -149,12 +153,17 @@ def sample(logits: jax.Array, u: jax.Array, temperature: jax.Array,
     return jnp.where(temperature > 0, drawn, greedy)
 
 
-def _uniforms(row_keys, note_index, slot):
-    """One uniform number per row for (global note index, slot): independent of the window
-    and of the other rows."""
-    def one(key, j):
-        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, j), slot))
-    return jax.vmap(one)(row_keys, note_index)
+def _uniforms(row_keys: jax.Array, first_note: jax.Array, notes: int) -> jax.Array:
+    """``[B, notes, 8]`` uniform numbers: entry (r, j, s) comes from row r's key folded with
+    the global note index ``first_note[r] + j`` and the slot ``s``, so a draw does not depend
+    on the window it falls in, nor on the other rows of the batch."""
+    def one(key, note):
+        def per_note(j):
+            k = jax.random.fold_in(key, note + j)
+            return jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(k, s)))(
+                jnp.arange(TOKENS_PER_NOTE))
+        return jax.vmap(per_note)(jnp.arange(notes))
+    return jax.vmap(one)(row_keys, first_note)
 
 
 def make_window_fn(model_graphdef, notes: int, prime_notes: int) -> Callable:
@@ -182,7 +191,8 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int) -> Callable:
         cross = []
         for layer in model.decoder.layers:
             k, v = layer.cross_attn.keys_values(states, None)  # [B, N, K, D]
-            cross.append((k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), enc_mask[:, None]))
+            cross.append((k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), enc_mask[:, None],
+                          True))
         table = model.decoder.embed_tokens[...]
         time_table = table[TIME_START:TIME_START + 5000].T  # [H, 5000]: IOI and duration
         small = jnp.stack([table[VELOCITY_START:VELOCITY_START + 128].T,  # [2, H, 128]
@@ -195,10 +205,12 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int) -> Callable:
                              cfg.final_logit_softcap)
             if n_valid < logits.shape[-1]:  # IOI: the time ids past 4990 ms are not valid
                 logits = jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, -jnp.inf)
-            u = _uniforms(row_keys, note_index, slot)
+            u = jax.lax.dynamic_index_in_dim(
+                jax.lax.dynamic_index_in_dim(uniforms, note_index, 1, False), slot, 1, False)
             offset = (TIME_START if kind == "time"
                       else jnp.where(is_pedal, PEDAL_START, VELOCITY_START))
             return sample(logits, u, temperature, top_p) + offset
+        uniforms = _uniforms(row_keys, first_note, notes)  # [B, notes, 8], drawn up front
         prime_len = prime_notes * TOKENS_PER_NOTE
         cache = model.init_cache(states, tokens, dtype)
         if prime_notes:  # BOS + the prime except its last token (it goes in with the next pitch)
@@ -208,7 +220,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int) -> Callable:
             last = prime[:, -1]
         else:
             last = jnp.full((b,), BOS, enc_ids.dtype)
-        full = [(c["k"], c["v"]) for c in cache["layers"]]
+        full = [(c["k"].transpose(0, 1, 3, 2), c["v"]) for c in cache["layers"]]  # [B,K,S,D]
         pitch = enc_ids.reshape(b, notes, TOKENS_PER_NOTE)[:, :, 0]
         out = jnp.zeros((b, notes, TOKENS_PER_NOTE), enc_ids.dtype)
         if prime_notes:
@@ -220,15 +232,16 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int) -> Callable:
             if hi_note <= prime_notes:
                 continue
             base = m * chunk
-            cur = [(k[..., base:base + chunk], v[:, :, base:base + chunk]) for k, v in full]
-            past = None if m == 0 else [(k[..., :base], v[:, :, :base]) for k, v in full]
+            cur = [(k[:, :, base:base + chunk], v[:, :, base:base + chunk]) for k, v in full]
+            past = None if m == 0 else [(k[:, :, :base].transpose(0, 1, 3, 2), v[:, :, :base])
+                                        for k, v in full]  # keys [B, K, D, S]: one copy
 
             def note_step(carry, past=past, base=base):
                 j, cur, last, out = carry
                 pos = j * TOKENS_PER_NOTE
                 x, cur = _decoder_step(model, jnp.stack([last, pitch[:, j]], axis=1), pos, cross,
                                        past, cur, base)
-                ioi = pick(x, "time", first_note + j, 1, MAX_IOI_MS + 1)
+                ioi = pick(x, "time", j, 1, MAX_IOI_MS + 1)
                 row = jnp.zeros((b, TOKENS_PER_NOTE), out.dtype).at[:, 0].set(pitch[:, j])
                 row = row.at[:, 1].set(ioi.astype(out.dtype))
 
@@ -236,8 +249,8 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int) -> Callable:
                     prev, cur, row = c
                     x, cur = _decoder_step(model, prev[:, None], pos + s, cross, past, cur, base)
                     tok = jax.lax.cond(
-                        s == 3, lambda: pick(x, "time", first_note + j, s, 5000),
-                        lambda: pick(x, "small", first_note + j, s, 128, s > 2)).astype(row.dtype)
+                        s == 3, lambda: pick(x, "time", j, s, 5000),
+                        lambda: pick(x, "small", j, s, 128, s > 2)).astype(row.dtype)
                     return tok, cur, jax.lax.dynamic_update_slice_in_dim(row, tok[:, None], s, 1)
 
                 last, cur, row = jax.lax.fori_loop(2, TOKENS_PER_NOTE, slot_step,
@@ -249,7 +262,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int) -> Callable:
             stop = jnp.minimum(hi_note, n_max)
             _, cur, last, out = jax.lax.while_loop(lambda c, stop=stop: c[0] < stop, note_step,
                                                    (jnp.int32(start), cur, last, out))
-            full = [(jax.lax.dynamic_update_slice_in_dim(fk, ck, base, 3),
+            full = [(jax.lax.dynamic_update_slice_in_dim(fk, ck, base, 2),
                      jax.lax.dynamic_update_slice_in_dim(fv, cv, base, 2))
                     for (fk, fv), (ck, cv) in zip(full, cur)]
         return out.reshape(b, tokens)

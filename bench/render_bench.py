@@ -1,0 +1,100 @@
+"""Rendering speed: notes/s of `pianist_jax.render.Renderer` at batch 1 and batch 8.
+
+    python bench/render_bench.py                       # base + small, float32 + bfloat16
+    python bench/render_bench.py --models base --dtypes float32 --batches 1
+
+Random weights (speed does not depend on quality), a fixed ~500-note score (one 512-note
+window, the renderer's full-size bucket), sampling at the defaults (temperature 1, top-p 0.95).
+Compilation is done first and reported separately; each figure is the best of ``--repeats``
+timed renders. The reference implementation renders about 4.8 notes/s for the 135M model on
+this kind of 2-core CPU (fp32, batch 1); the target is >= 24 notes/s at batch 1 and >= 150
+notes/s at batch 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def fixed_score(n_notes: int = 500, seed: int = 0) -> np.ndarray:
+    """Score ids of a deterministic piece: chords and runs, 8 tokens per note."""
+    from pianist_jax import midi, tokenizer
+
+    rng = np.random.default_rng(seed)
+    step = rng.choice([0, 0, 120, 240, 480], size=n_notes)
+    onset = np.cumsum(step)
+    pitch = 36 + (np.arange(n_notes) * 7 + rng.integers(0, 5, n_notes)) % 60
+    notes = midi.Notes(onset=onset, offset=onset + 300, pitch=pitch,
+                       velocity=np.full(n_notes, 64), pedal_ms=np.zeros(0, np.int64),
+                       pedal_value=np.zeros(0, np.int64))
+    return tokenizer.encode_notes(midi.resolve_same_pitch_overlaps(notes))
+
+
+def random_export(name: str, out: Path) -> Path:
+    from flax import nnx
+
+    from pianist_jax import export
+    from pianist_jax.config import load_config
+    from pianist_jax.model import PianistTransformer
+
+    cfg = load_config(None, [f"model={name}", "model.dtype=float32",
+                             "model.param_dtype=float32"]).model
+    model = PianistTransformer(cfg, rngs=nnx.Rngs(0))
+    return export.write_export(out / name, nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg)
+
+
+def bench_one(model_dir: Path, dtype: str, batch: int, score: np.ndarray, repeats: int) -> dict:
+    from pianist_jax.render import Renderer
+
+    renderer = Renderer(model_dir, dtype=dtype)
+    rows, seeds = [score] * batch, list(range(batch))
+    t0 = time.perf_counter()
+    renderer.render_ids(rows, seeds)  # compiles, then renders once (warm-up)
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        renderer.render_ids(rows, seeds)
+        best = min(best, time.perf_counter() - t0)
+    notes = batch * (len(score) // 8)
+    return {"notes": notes, "seconds": best, "notes_per_s": notes / best,
+            "compile_s": renderer.compile_seconds, "first_call_s": first}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["base", "small"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--notes", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+
+    import jax
+
+    score = fixed_score(args.notes)
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPU threads; "
+          f"score {len(score) // 8} notes")
+    print(f"{'model':>6} {'dtype':>9} {'batch':>5} {'notes/s':>9} {'s/render':>9} "
+          f"{'compile s':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model_dir = random_export(name, Path(tmp))
+            for dtype in args.dtypes:
+                for batch in args.batches:
+                    r = bench_one(model_dir, dtype, batch, score, args.repeats)
+                    print(f"{name:>6} {dtype:>9} {batch:>5} {r['notes_per_s']:9.1f} "
+                          f"{r['seconds']:9.2f} {r['compile_s']:9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
