@@ -86,7 +86,7 @@ class Decoder(nnx.Module):
         index = 0 if cache is None else cache["index"]
         q_pos = index + jnp.arange(t)
         if cache is not None and attend_len is None:
-            attend_len = cache["layers"][0]["v"].shape[2]
+            attend_len = cache["layers"][0]["v"].shape[1]
         k_pos = q_pos if cache is None else jnp.arange(attend_len)
         causal = window_mask(q_pos, k_pos, None, causal=True)[None]
         sliding = window_mask(q_pos, k_pos, cfg.sliding_window, causal=True)[None]
@@ -154,8 +154,8 @@ class PianistTransformer(nnx.Module):
         cross = self.decoder.cross_kv(enc_states)
         return {
             "index": jnp.zeros((), jnp.int32),
-            "layers": [{"k": jnp.zeros((b, kv, d, max_length), dtype),  # keys transposed
-                        "v": jnp.zeros((b, kv, max_length, d), dtype)}
+            "layers": [{"k": jnp.zeros((b, max_length, kv, d), dtype),
+                        "v": jnp.zeros((b, max_length, kv, d), dtype)}
                        for _ in range(cfg.decoder_layers)],
             "cross": [{"ck": k, "cv": v} for k, v in cross],
         }

@@ -245,7 +245,8 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             last = prime[:, -1]
         else:
             last = jnp.full((b,), BOS, enc_ids.dtype)
-        full = [(c["k"].transpose(0, 1, 3, 2), c["v"]) for c in cache["layers"]]  # [B,K,S,D]
+        full = [(c["k"].transpose(0, 2, 1, 3), c["v"].transpose(0, 2, 1, 3))  # [B, K, S, D]
+                for c in cache["layers"]]
         pitch = enc_ids.reshape(b, notes, TOKENS_PER_NOTE)[:, :, 0]
         out = jnp.zeros((b, notes, TOKENS_PER_NOTE), enc_ids.dtype)
         if prime_notes:
