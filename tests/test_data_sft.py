@@ -8,6 +8,7 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -140,11 +141,13 @@ def test_sft_run_from_pretrained_params_epochs_and_validation(sft_shards, tmp_pa
     root = sft_shards[0]
     pre = tmp_path / "pre"
     one = "mesh.shape=[1,1,1]"  # meshes are covered by test_train; keep this run short
-    train.run(make_cfg(root, pre, one, "train.steps=3", "train.epochs=null"), progress=False)
+    dev = jax.devices()[:1]
+    train.run(make_cfg(root, pre, one, "train.steps=3", "train.epochs=null"), progress=False,
+              devices=dev)
     out = tmp_path / "sft"
     cfg = make_cfg(root, out, one, f"train.init_from={pre}", "train.lr=3e-3", "train.epochs=5")
     steps = train.total_steps(cfg)
-    result = train.run(cfg, progress=False)
+    result = train.run(cfg, progress=False, devices=dev)
     assert result.start_step == 0 and result.end_step == steps  # fresh optimiser, epochs
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     tr = [m["loss"] for m in lines if m["split"] == "train"]
