@@ -150,12 +150,11 @@ class PianistTransformer(nnx.Module):
         cfg = self.cfg
         dtype = dtype or cfg.dtype
         b = enc_states.shape[0]
-        kv, d = cfg.num_kv_heads, cfg.head_dim
+        shape = (b, max_length, cfg.num_kv_heads, cfg.head_dim)
         cross = self.decoder.cross_kv(enc_states)
         return {
             "index": jnp.zeros((), jnp.int32),
-            "layers": [{"k": jnp.zeros((b, max_length, kv, d), dtype),
-                        "v": jnp.zeros((b, max_length, kv, d), dtype)}
+            "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                        for _ in range(cfg.decoder_layers)],
             "cross": [{"ck": k, "cv": v} for k, v in cross],
         }

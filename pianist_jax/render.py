@@ -75,7 +75,11 @@ class Renderer:
 
         from pianist_jax import export
         from pianist_jax.model import PianistTransformer
+        from pianist_jax.render_core import SEGMENT_NOTES
 
+        if (window > SEGMENT_NOTES and window % SEGMENT_NOTES) or not 0 < shift < window:
+            raise RenderError(f"window ({window} notes) must be <= {SEGMENT_NOTES} or a "
+                              f"multiple of it, and 0 < shift ({shift}) < window")
         model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL
         if not model_dir.exists():
             hint = ("no bundled model is installed yet; pass --model DIR (an export written by "
@@ -98,9 +102,6 @@ class Renderer:
         nnx.replace_by_pure_dict(state, cast)
         self.params = jax.device_put(state, self.sharding)
         self.cfg, self.model_dir = cfg, model_dir
-        if window % 64 or not 0 < shift < window:
-            raise RenderError(f"window ({window} notes) must be a multiple of 64 and "
-                              f"0 < shift ({shift}) < window")
         self.window, self.shift, self.tail = window, shift, tail
         self._compiled: dict[tuple[int, int, int], object] = {}
         self.compile_seconds = 0.0

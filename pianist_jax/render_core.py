@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pianist_jax.layers import _NEG, apply_rope, is_sliding, softcap
+from pianist_jax.layers import _NEG, apply_rope, is_sliding, softcap, window_mask
 from pianist_jax.tokenizer import (BOS, MAX_IOI_MS, PEDAL_START, TIME_START, TOKENS_PER_NOTE,
                                    VELOCITY_START)
 
@@ -56,12 +56,6 @@ def _attend(attn, q: jax.Array, parts) -> jax.Array:
         start += v.shape[2]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)  # heads in o_proj's order
     return out @ attn.o_proj[...].reshape(n * d, -1)
-
-
-def _key_mask(q_pos, k_pos, window: int | None) -> jax.Array:
-    diff = q_pos[:, None] - k_pos[None, :]
-    mask = diff >= 0
-    return mask if window is None else mask & (diff < window)
 
 
 def fuse_weights(model) -> list[dict]:
@@ -110,10 +104,10 @@ def _decoder_step(model, fused, ids, pos0, cross, past, cur, cur_base):
         parts = []
         if past is not None:
             pk_t, pv = past[i]
-            parts.append((pk_t, pv, _key_mask(q_pos, jnp.arange(pv.shape[2]), window)[None],
+            parts.append((pk_t, pv, window_mask(q_pos, jnp.arange(pv.shape[2]), window, causal=True)[None],
                           True))
-        parts.append((ck, cv, _key_mask(q_pos, cur_base + jnp.arange(cv.shape[2]), window)[None],
-                      False))
+        k_pos = cur_base + jnp.arange(cv.shape[2])
+        parts.append((ck, cv, window_mask(q_pos, k_pos, window, causal=True)[None], False))
         x = x + layer.post_self_attn_norm(_attend(attn, q, parts))
         h = layer.pre_cross_attn_norm(x)
         x = x + layer.post_cross_attn_norm(
@@ -192,7 +186,7 @@ def _uniforms(row_keys: jax.Array, first_note: jax.Array, notes: int) -> jax.Arr
 def make_window_fn(model_graphdef, notes: int, prime_notes: int,
                    segment_notes: int = SEGMENT_NOTES) -> Callable:
     """Pure function rendering one window of ``notes`` notes whose first ``prime_notes`` are
-    given (the previous window's output); jit it with `jit_window`.
+    given (the previous window's output); `pianist_jax.render.Renderer` jits and compiles it.
 
     Arguments: ``params`` (NNX pure state), ``enc_ids [B, 8*notes]`` (score tokens, PAD after
     the piece), ``prime [B, 8*prime_notes]`` (performance tokens), ``n_notes [B]`` (real notes
@@ -223,6 +217,8 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
         small = jnp.stack([table[VELOCITY_START:VELOCITY_START + 128].T,  # [2, H, 128]
                            table[PEDAL_START:PEDAL_START + 128].T])
 
+        uniforms = _uniforms(row_keys, first_note, notes)  # [B, notes, 8], drawn up front
+
         def pick(x, kind, note_index, slot, n_valid, is_pedal=None):
             """Sample one slot's id from the final hidden state ``x [B, H]``."""
             w = time_table if kind == "time" else small[is_pedal.astype(jnp.int32)]
@@ -235,7 +231,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             offset = (TIME_START if kind == "time"
                       else jnp.where(is_pedal, PEDAL_START, VELOCITY_START))
             return sample(logits, u, temperature, top_p) + offset
-        uniforms = _uniforms(row_keys, first_note, notes)  # [B, notes, 8], drawn up front
+
         prime_len = prime_notes * TOKENS_PER_NOTE
         cache = model.init_cache(states, tokens, dtype)
         if prime_notes:  # BOS + the prime except its last token (it goes in with the next pitch)
