@@ -8,7 +8,9 @@ import pytest
 from pianist_jax import config as C
 from pianist_jax.config import Config, ConfigError, load_config
 
-CONFIGS = sorted(C.CONFIG_ROOT.rglob("*.yaml"))
+# Sweep specs (configs/sweeps/) are not run configs; tests/test_sweep.py loads every one of them.
+CONFIGS = sorted(p for p in C.CONFIG_ROOT.rglob("*.yaml")
+                 if p.relative_to(C.CONFIG_ROOT).parts[0] != "sweeps")
 
 
 def test_configs_found():
