@@ -2,6 +2,8 @@
 
     python bench/train_bench.py --model small                 # this machine (CPU)
     python bench/train_bench.py --model base --dtype bfloat16 --batch 16   # a GPU / TPU
+    python bench/train_bench.py --model tiny --block 1024 --batch 8 --slot-logits \
+        model.hidden=128 model.mlp=512 model.head_dim=32   # any config overrides after the flags
 
 MFU = flops_per_token(model, block) * tokens/s / peak FLOP/s, where `flops_per_token` is
 `pianist_jax.model.flops_per_token` (training = 3x forward matmul FLOPs, attention included,
@@ -71,6 +73,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile)")
     parser.add_argument("--peak-tflops", type=float, help="override the peak FLOP/s (TFLOP/s)")
+    parser.add_argument("--slot-logits", action="store_true",
+                        help="loss from per-slot logits (model.slot_logits=true)")
+    parser.add_argument("overrides", nargs="*", help="more config overrides (key=value)")
     args = parser.parse_args()
 
     overrides = [f"model={args.model}", f"mesh.shape={args.mesh}", f"data.block_size={args.block}",
@@ -78,6 +83,9 @@ def main() -> None:
                  "train.warmup_steps=0", "train.steps=1000"]
     if args.dtype:
         overrides.append(f"model.dtype={args.dtype}")
+    if args.slot_logits:
+        overrides.append("model.slot_logits=true")
+    overrides += args.overrides
     cfg = load_config(None, overrides)
     mesh = sharding.make_mesh(cfg.mesh)
     fns = StepFns(cfg, mesh, total_steps=1000)
@@ -100,7 +108,8 @@ def main() -> None:
     else:
         peak, source = peak_flops(jax.devices()[0], cfg.model.dtype)
     print(f"model {args.model}: {param_count(cfg.model) / 1e6:.2f} M params, dtype "
-          f"{cfg.model.dtype}, batch {args.batch} x {args.block} tokens, mesh "
+          f"{cfg.model.dtype}, {'per-slot' if cfg.model.slot_logits else 'full-vocab'} "
+          f"logits, batch {args.batch} x {args.block} tokens, mesh "
           f"{dict(mesh.shape)}, {len(jax.devices())} x {jax.devices()[0].device_kind}")
     print(f"warmup (compile + {args.warmup} steps): {compile_s:.1f} s; "
           f"step {step_s * 1e3:.1f} ms; loss {float(metrics['loss']):.3f}")

@@ -50,6 +50,14 @@ class ModelConfig:
     # skips the keys the causal mask (and window) hides: same result, about half the work and
     # far less memory at 4096 tokens. null = one chunk.
     attn_chunk: int | None = 512
+    # Training/eval loss from per-slot logits: position p (target slot p % 8) is scored only
+    # against the ids its slot can take (pitch 128, IOI 4991, velocity 128, duration 5000,
+    # pedal 128; mean ~1345 of 5389), softmax over that range - how the renderer samples -
+    # with ~4x less output-projection and softmax work (CPU train step ~1.2-1.3x faster at
+    # hidden 128-256). Targets outside their slot's range (PAD, ...) get no weight. Same
+    # parameters either way; only the loss (and flops_per_token) changes. false = softmax
+    # over the full vocabulary.
+    slot_logits: bool = False
     dtype: DType = "bfloat16"  # activations / matmuls
     param_dtype: DType = "float32"  # stored parameters and optimizer state
 

@@ -10,6 +10,10 @@ full forward pass.
 Parameter names follow the reference checkpoint closely (`pianist_jax.convert_hf` maps them);
 kernels are ``[in, out]``-style with named head axes. ``load_exported(dir)`` gives a ready
 callable for parity checks: ``model(encoder_ids, decoder_input_ids) -> float32 logits``.
+
+`PianistTransformer.slot_logits` is the training-time alternative to full-vocabulary logits
+(``model.slot_logits``): each decoder position scores only the ids its token slot can take
+(`SLOT_GROUPS`), as the renderer samples them, which makes the output projection ~4x cheaper.
 """
 
 from __future__ import annotations
@@ -25,7 +29,21 @@ from flax import nnx
 from pianist_jax.config_schema import SLOTS_PER_NOTE, ModelConfig
 from pianist_jax.layers import (DecoderLayer, EncoderLayer, RMSNorm, constrain, is_sliding,
                                 logical_param, softcap, use_weight, window_mask)
-from pianist_jax.tokenizer import PAD
+from pianist_jax.tokenizer import PAD, SLOT_RANGES
+
+
+def _slot_groups() -> tuple[tuple[tuple[int, ...], int, int], ...]:
+    """Token slots that share an id range, as ``(slots, lo, hi)`` in slot order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for slot, (lo, hi) in enumerate(SLOT_RANGES.tolist()):
+        groups.setdefault((lo, hi), []).append(slot)
+    return tuple((tuple(slots), lo, hi) for (lo, hi), slots in groups.items())
+
+
+SLOT_GROUPS = _slot_groups()
+"""``((slots), lo, hi)``: the slots of a note whose targets are ids in ``[lo, hi)`` - pitch,
+IOI (the first 4991 time ids), velocity, duration (5000 time ids), the 4 pedals (one group).
+`PianistTransformer.slot_logits` returns one logits array per group, in this order."""
 
 
 class Encoder(nnx.Module):
@@ -81,6 +99,21 @@ class Decoder(nnx.Module):
         return [layer.cross_attn.keys_values(enc_states, None) for layer in self.layers]
 
     def __call__(self, ids, cross_kv, enc_mask, cache=None, vocab_slice=None, attend_len=None):
+        """Logits ``[B, T, vocab]`` (or the ``vocab_slice`` rows) in float32 and the new cache."""
+        x, table, new_cache = self.hidden(ids, cross_kv, enc_mask, cache, attend_len)
+        if vocab_slice is not None:  # only the rows a token slot can take (renderer)
+            table = table[vocab_slice[0]:vocab_slice[1]]
+        return self.project(x, table), new_cache
+
+    def project(self, x: jax.Array, table: jax.Array) -> jax.Array:
+        """Final states ``[..., H]`` times embedding rows ``table [V, H]`` -> soft-capped float32
+        logits ``[..., V]`` (the tied output projection)."""
+        logits = jnp.einsum("...m,vm->...v", x, table, preferred_element_type=jnp.float32)
+        return softcap(logits, self.cfg.final_logit_softcap)
+
+    def hidden(self, ids, cross_kv, enc_mask, cache=None, attend_len=None):
+        """Final-norm'd states ``[B, T, H]`` (compute dtype), the embedding table as used in
+        matmuls (compute dtype, `use_weight`), and the new cache (None without one)."""
         cfg, dtype = self.cfg, self.cfg.dtype
         b, t = ids.shape
         index = 0 if cache is None else cache["index"]
@@ -106,14 +139,8 @@ class Decoder(nnx.Module):
                                    cross_kv[i], cross_mask, layer_cache, index, window, attend_len)
             x = constrain(x, "batch", "length", None)
             new_layers.append(layer_cache)
-        x = self.norm(x)
-        if vocab_slice is not None:  # only the rows a token slot can take (renderer)
-            table = table[vocab_slice[0]:vocab_slice[1]]
-        logits = jnp.einsum("btm,vm->btv", x, table,
-                            preferred_element_type=jnp.float32)
-        logits = softcap(logits, cfg.final_logit_softcap)
         new_cache = None if cache is None else {"index": index + t, "layers": new_layers}
-        return logits, new_cache
+        return self.norm(x), table, new_cache
 
 
 class PianistTransformer(nnx.Module):
@@ -163,6 +190,34 @@ class PianistTransformer(nnx.Module):
         states, mask = self.encode(encoder_ids)
         return self.decode(decoder_input_ids, states, mask)
 
+    def slot_logits(self, encoder_ids, decoder_input_ids) -> list[jax.Array]:
+        """Per-slot logits of a note-aligned block (no cache): one float32 array
+        ``[B, T/8, len(slots), hi - lo]`` per group of `SLOT_GROUPS`, where column ``j`` is id
+        ``lo + j``.
+
+        Position ``p`` of ``decoder_input_ids [B, T]`` (``T`` a multiple of 8) predicts the
+        token of slot ``p % 8`` - true of pre-training blocks and SFT windows, which start on
+        a note and read the targets shifted right behind BOS - so its logits are its final
+        state times only the embedding rows of that slot's range (soft-capped as in
+        `decode`). Each value equals the full-vocabulary logit of the same id.
+        """
+        states, mask = self.encode(encoder_ids)
+        decoder = self.decoder
+        ids = jnp.asarray(decoder_input_ids)
+        b, t = ids.shape
+        if t % SLOTS_PER_NOTE:
+            raise ValueError(f"decoder ids length {t} is not a multiple of {SLOTS_PER_NOTE}")
+        x, table, _ = decoder.hidden(ids, decoder.cross_kv(states), mask)
+        x = constrain(x.reshape(b, t // SLOTS_PER_NOTE, SLOTS_PER_NOTE, x.shape[-1]),
+                      "batch", "notes", None, None)
+        out = []
+        for slots, lo, hi in SLOT_GROUPS:
+            if slots != tuple(range(slots[0], slots[-1] + 1)):
+                raise NotImplementedError(f"slot group {slots} is not contiguous")
+            logits = decoder.project(x[:, :, slots[0]:slots[-1] + 1], table[lo:hi])
+            out.append(constrain(logits, "batch", "notes", None, "vocab"))
+        return out
+
 
 # --------------------------------------------------------------------------- sizes
 
@@ -181,7 +236,8 @@ def flops_per_token(cfg: ModelConfig, block_size: int, training: bool = True) ->
     Decoder per token: layer matmuls (self q/k/v/o, cross q/o, MLP) ``2 * P``, cross-attention
     K/V projections per note, self-attention over the whole block ``4 * T * H * D`` (causality
     not discounted, as in the PaLM convention), cross-attention ``4 * N * H * D``, and the
-    output projection ``2 * hidden * vocab``. The 8 slot projections add ``2 * h * h/8``.
+    output projection ``2 * hidden * vocab`` (``model.slot_logits``: the mean width of the
+    slots' id ranges instead of vocab). The 8 slot projections add ``2 * h * h/8``.
     """
     h, f, nh, nk, d = cfg.hidden, cfg.mlp, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     t, n = block_size, block_size // SLOTS_PER_NOTE
@@ -192,7 +248,10 @@ def flops_per_token(cfg: ModelConfig, block_size: int, training: bool = True) ->
                                       + 4 * t * nh * d + 4 * n * nh * d)
     dec_cross_kv_note = cfg.decoder_layers * 2 * 2 * h * (nk * d)
     forward = (enc_note + dec_cross_kv_note) / SLOTS_PER_NOTE + dec_token
-    forward += 2 * h * cfg.slot_dim + 2 * h * cfg.vocab_size
+    out_rows = cfg.vocab_size
+    if cfg.slot_logits:  # each slot scores only its own id range (mean width ~1345)
+        out_rows = sum(len(slots) * (hi - lo) for slots, lo, hi in SLOT_GROUPS) / SLOTS_PER_NOTE
+    forward += 2 * h * cfg.slot_dim + 2 * h * out_rows
     return float(forward * (3 if training else 1))
 
 

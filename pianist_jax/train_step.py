@@ -23,7 +23,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pianist_jax import sharding
-from pianist_jax.config_schema import Config, TrainConfig
+from pianist_jax.config_schema import SLOTS_PER_NOTE, Config, TrainConfig
+from pianist_jax.model import SLOT_GROUPS
 
 BATCH_KEYS = ("encoder_ids", "decoder_input_ids", "targets", "loss_mask")
 
@@ -59,6 +60,27 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return jnp.sum(ce * weights), jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def slot_loss_sums(groups: list[jax.Array], targets: jax.Array, weights: jax.Array):
+    """`loss_sums` for per-slot logits (`PianistTransformer.slot_logits`, one array per group
+    of `model.SLOT_GROUPS`): softmax and argmax over each slot's id range only. A target
+    outside its slot's range (PAD after a piece, ...) gets no weight here, whatever its
+    ``weights``; the count is the weight actually used."""
+    b, t = targets.shape
+    targets = targets.reshape(b, t // SLOTS_PER_NOTE, SLOTS_PER_NOTE)
+    weights = weights.reshape(b, t // SLOTS_PER_NOTE, SLOTS_PER_NOTE)
+    loss = correct = count = jnp.zeros((), jnp.float32)
+    for (slots, lo, hi), logits in zip(SLOT_GROUPS, groups, strict=True):
+        local = targets[:, :, slots[0]:slots[-1] + 1] - lo
+        valid = (local >= 0) & (local < hi - lo)
+        local = jnp.where(valid, local, 0)
+        w = jnp.where(valid, weights[:, :, slots[0]:slots[-1] + 1], 0.0)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, local)
+        hit = (jnp.argmax(logits, axis=-1) == local).astype(jnp.float32)
+        loss, correct, count = (loss + jnp.sum(ce * w), correct + jnp.sum(hit * w),
+                                count + jnp.sum(w))
+    return loss, correct, count
 
 
 class StepFns:
@@ -118,9 +140,12 @@ class StepFns:
 
     def _sums(self, params: dict, batch: dict):
         model = sharding.bind(self.graphdef, self.abstract, params)
+        weights = batch["loss_mask"].astype(jnp.float32)
+        per_slot = self.cfg.model.slot_logits
         with sharding.activation_rules(self.mesh, self.cfg.mesh.rules):
-            logits = model(batch["encoder_ids"], batch["decoder_input_ids"])
-        return loss_sums(logits, batch["targets"], batch["loss_mask"].astype(jnp.float32))
+            forward = model.slot_logits if per_slot else model
+            logits = forward(batch["encoder_ids"], batch["decoder_input_ids"])
+        return (slot_loss_sums if per_slot else loss_sums)(logits, batch["targets"], weights)
 
     def _eval_sums(self, params: dict, batch: dict) -> dict:
         loss, correct, count = self._sums(params, batch)
