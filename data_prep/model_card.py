@@ -107,9 +107,9 @@ def _yaml(path: Path) -> Any:
 
 
 def _metrics_lines(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    from pianist_jax.scaling_fit import parse_metrics  # the one metrics.jsonl reader
+
+    return parse_metrics(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
 def training_stage(run_dir: Path) -> dict | None:
@@ -119,8 +119,8 @@ def training_stage(run_dir: Path) -> dict | None:
         return None
     train, data = cfg.get("train", {}), cfg.get("data", {})
     lines = _metrics_lines(run_dir / "metrics.jsonl")
-    tr = [m for m in lines if m.get("split", "train") == "train"]
-    ev = [m for m in lines if m.get("split") == "eval"]
+    tr = [m for m in lines if m["split"] == "train"]
+    ev = [m for m in lines if m["split"] == "eval"]
     reached = tr[-1]["step"] if tr else 0
     batch, block = train.get("batch_size"), data.get("block_size")
     tail = [m["loss"] for m in tr[-50:]]

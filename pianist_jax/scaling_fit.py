@@ -181,8 +181,9 @@ def plot_scaling(rows: list[dict], fits: dict, out_dir: str | Path, *,
 # --------------------------------------------------------------------------- run metrics
 
 
-def _metrics(text: str) -> list[dict]:
-    """metrics.jsonl lines; a torn line (a run killed mid-write, or still writing) is skipped."""
+def parse_metrics(text: str) -> list[dict]:
+    """Records of a trainer's ``metrics.jsonl`` (`pianist_jax.train.MetricsLog`) with step,
+    split and loss; a torn line (a run killed mid-write, or still writing) is skipped."""
     out = []
     for line in text.splitlines():
         try:
@@ -201,7 +202,7 @@ def last_step(path: Path) -> tuple[int, float]:
             tail = f.read().decode(errors="ignore")
     except OSError:
         return 0, float("nan")
-    train = [m for m in _metrics(tail) if m["split"] == "train"]
+    train = [m for m in parse_metrics(tail) if m["split"] == "train"]
     return (int(train[-1]["step"]), float(train[-1]["loss"])) if train else (0, float("nan"))
 
 
@@ -211,7 +212,7 @@ def read_final(run_dir: str | Path, steps: int) -> dict | None:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
-    lines = _metrics(path.read_text())
+    lines = parse_metrics(path.read_text())
     evals = [m for m in lines if m["split"] == "eval" and m["step"] == steps]
     tail = [m["loss"] for m in lines if m["split"] == "train"
             and m["step"] > steps - max(1, steps // 10)]

@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import json
 import math
 import shlex
@@ -207,29 +208,27 @@ def check_shards(cfg: Config, spec: SweepSpec) -> None:
             raise SweepError(str(err)) from None
 
 
-_SIZE_CACHE: dict = {}
-
-
 def size_info(cfg: Config) -> dict:
     """Parameters (total, non-embedding) and training FLOPs per token of a point's model."""
-    key = (cfg.model, cfg.data.block_size)
-    if key not in _SIZE_CACHE:
-        import jax
-        from flax import nnx
+    return _size_info(cfg.model, cfg.data.block_size)
 
-        from pianist_jax import model
 
-        abstract = nnx.eval_shape(lambda: model.PianistTransformer(cfg.model, rngs=nnx.Rngs(0)))
-        total = embed = 0
-        for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param)):
-            n = math.prod(leaf.shape)
-            total += n
-            if any(getattr(p, "key", None) in ("word_embeddings", "embed_tokens") for p in path):
-                embed += n
-        _SIZE_CACHE[key] = {"params": total, "params_non_embedding": total - embed,
-                            "flops_per_token": model.flops_per_token(cfg.model,
-                                                                     cfg.data.block_size)}
-    return _SIZE_CACHE[key]
+@functools.lru_cache(maxsize=None)
+def _size_info(model_cfg, block_size: int) -> dict:
+    import jax
+    from flax import nnx
+
+    from pianist_jax import model
+
+    abstract = nnx.eval_shape(lambda: model.PianistTransformer(model_cfg, rngs=nnx.Rngs(0)))
+    total = embed = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param)):
+        n = math.prod(leaf.shape)
+        total += n
+        if any(getattr(p, "key", None) in ("word_embeddings", "embed_tokens") for p in path):
+            embed += n
+    return {"params": total, "params_non_embedding": total - embed,
+            "flops_per_token": model.flops_per_token(model_cfg, block_size)}
 
 
 # --------------------------------------------------------------------------- commands + running
