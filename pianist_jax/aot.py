@@ -36,10 +36,11 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
 from pianist_jax import sharding  # noqa: E402
 from pianist_jax.config import ConfigError, config_from_cli  # noqa: E402
-from pianist_jax.config_schema import Config  # noqa: E402
+from pianist_jax.config_schema import Config, mesh_axes  # noqa: E402
 from pianist_jax.export import flatten  # noqa: E402
 from pianist_jax.model import flops_per_token, param_count  # noqa: E402
 from pianist_jax.train_step import BATCH_KEYS, StepFns  # noqa: E402
@@ -124,12 +125,9 @@ def largest_tensors(fns: StepFns, top: int) -> list[dict]:
     rows = []
     for path, shape in shapes.items():
         spec = specs[path]
-        shard = list(shape)
-        for dim, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
-            names = () if axes is None else (axes,) if isinstance(axes, str) else axes
-            shard[dim] //= math.prod(fns.mesh.shape[a] for a in names) if names else 1
-        rows.append({"name": path, "shape": list(shape), "spec": str(spec), "per_chip": shard,
-                     "size": math.prod(shape)})
+        shard = NamedSharding(fns.mesh, spec).shard_shape(shape)
+        rows.append({"name": path, "shape": list(shape), "spec": str(spec),
+                     "per_chip": list(shard), "size": math.prod(shape)})
     rows.sort(key=lambda r: -r["size"])
     return rows[:top]
 
@@ -140,8 +138,7 @@ def check_batch_split(cfg: Config, mesh_shape: dict[str, int]) -> None:
     `sharding.logical_to_spec` would silently replicate an uneven batch (every chip computing
     every sequence); on a pod that is a silent 100x waste, so it is an error here.
     """
-    target = dict(cfg.mesh.rules).get("batch")
-    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    axes = mesh_axes(dict(cfg.mesh.rules).get("batch"))
     ways = math.prod(mesh_shape[a] for a in axes)
     if cfg.train.batch_size % ways:
         raise AotError(f"train.batch_size {cfg.train.batch_size} does not split over the batch "

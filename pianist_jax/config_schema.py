@@ -199,6 +199,11 @@ class TrainConfig:
 
 
 MeshAxes = str | tuple[str, ...] | None
+
+
+def mesh_axes(target: MeshAxes) -> tuple[str, ...]:
+    """A rule's target (``None``, one mesh axis, or several) as a tuple of mesh axes."""
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 """What a logical axis maps to: one mesh axis, several (sharded over their product), or None."""
 
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
@@ -238,8 +243,7 @@ class MeshConfig:
             if logical in seen:
                 raise ConfigError(f"mesh.rules: logical axis {logical!r} appears twice")
             seen.add(logical)
-            targets = () if target is None else (target,) if isinstance(target, str) else target
-            for axis in targets:
+            for axis in mesh_axes(target):
                 if axis not in self.axes:
                     raise ConfigError(f"mesh.rules: {logical!r} -> {axis!r}, "
                                       f"which is not one of mesh.axes {self.axes}")

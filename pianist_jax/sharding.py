@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pianist_jax.config_schema import ConfigError, MeshConfig, ModelConfig
+from pianist_jax.config_schema import ConfigError, MeshConfig, ModelConfig, mesh_axes
 from pianist_jax.layers import activation_sharding
 from pianist_jax.model import PianistTransformer
 
@@ -55,9 +55,7 @@ def logical_to_spec(logical: Sequence[str | None], rules: Rules, mesh: Mesh | No
     for dim, name in enumerate(logical):
         if name is not None and name not in table:
             raise ConfigError(f"mesh.rules has no entry for logical axis {name!r}")
-        target = None if name is None else table[name]
-        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        axes = tuple(a for a in axes if a not in used)
+        axes = tuple(a for a in mesh_axes(None if name is None else table[name]) if a not in used)
         if mesh is not None:
             axes = tuple(a for a in axes if mesh.shape[a] > 1)
             size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
