@@ -144,13 +144,28 @@ def test_interpolated_note_and_running_max():
     perf = midi.Notes(np.array([100, 1100, 1500, 1700]), np.array([400, 1400, 2000, 1900]),
                       np.array([60, 64, 69, 65]), np.array([40, 80, 70, 60]), empty, empty)
     idx = np.array([0, -1, 1, 3, 2])  # note 1 unpaired; chord 65/69 played 69 first
-    t = build_sft.target_notes(score, perf, idx)
+    t, order = build_sft.target_notes(score, perf, idx)
     assert t.onset[1] == 600  # halfway in score time between 100 and 1100
     assert t.velocity[1] == 60  # halfway between 40 and 80
     # duration: score 400 ms x geometric mean of the neighbours' ratios (300/400, 300/500)
     assert t.duration[1] == round(400 * np.sqrt(0.75 * 0.6))
-    assert t.onset.tolist() == [100, 600, 1100, 1700, 1700]  # 69 moved up to 65 (running max)
-    assert t.duration[4] == 500 and t.pitch.tolist() == score.pitch.tolist()
+    # the chord 65/69 is ordered as played (69 first), not flattened to IOI 0 in pitch order
+    assert order.tolist() == [0, 1, 2, 4, 3]
+    assert t.onset.tolist() == [100, 600, 1100, 1500, 1700]
+    assert t.pitch.tolist() == [60, 62, 64, 69, 65] and t.duration[3:].tolist() == [500, 200]
+
+
+def test_running_max_across_chords_and_stable_ties():
+    """Notes of different score onsets keep score order (a note played early is moved up to
+    its predecessor); notes of a chord played together keep the score's pitch order."""
+    empty = np.zeros(0, dtype=np.int64)
+    score = midi.Notes(np.array([0, 0, 0, 500]), np.array([400, 400, 400, 900]),
+                       np.array([60, 64, 67, 72]), np.full(4, 64), empty, empty)
+    perf = midi.Notes(np.array([100, 100, 100, 90]), np.array([500, 500, 500, 300]),
+                      np.array([60, 64, 67, 72]), np.array([50, 50, 50, 50]), empty, empty)
+    t, order = build_sft.target_notes(score, perf, np.arange(4))
+    assert order.tolist() == [0, 1, 2, 3] and t.pitch.tolist() == [60, 64, 67, 72]
+    assert t.onset.tolist() == [100, 100, 100, 100]  # 72 played before the chord: running max
 
 
 def test_cut_segments_runs_and_short_segments():
