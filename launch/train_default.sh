@@ -42,6 +42,10 @@
 #   --render-batch N      rows rendered together (8)
 #   --export-dtype D      auto (default), float32 or bfloat16
 #   --workers N           processes for build_sft / tokenize (nproc)
+#   --sft-data DIR        use this finished build_sft output (e.g. another run's WORK/sft_data)
+#                         instead of running data-sft: linked as WORK/sft_data
+#   --no-pretrain         fine-tune from random parameters: no pretrain-files, tokenize or
+#                         pretrain stage (the ablation "what does pre-training buy")
 #   --stop-after STAGE    stop after this stage (e.g. tokenize: only prepare the data)
 #   --install             copy the export (with its card) into pianist_jax/assets/default
 #   --smoke               tiny model, a few steps per stage, 26 ASAP performances, 6 files per
@@ -58,7 +62,7 @@ max_bytes=30000000  # bundled model limit (issue 5): 30 MB
 
 work="" seed=0 split_seed=0 pretrain_steps="" sft_steps="" eval_seeds="0 1 2" eval_pieces=""
 render_batch=8 export_dtype=auto workers="$(nproc 2>/dev/null || echo 2)" stop_after=""
-install=0 smoke=0 dry_run=0 pretrain_set=() sft_set=()
+install=0 smoke=0 dry_run=0 pretrain_set=() sft_set=() sft_data_from="" no_pretrain=0
 cmdline="launch/train_default.sh$(printf ' %q' "$@")"
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -77,6 +81,8 @@ while [[ $# -gt 0 ]]; do
     --render-batch) need "$@"; render_batch="$2"; shift 2 ;;
     --export-dtype) need "$@"; export_dtype="$2"; shift 2 ;;
     --workers) need "$@"; workers="$2"; shift 2 ;;
+    --sft-data) need "$@"; sft_data_from="$2"; shift 2 ;;
+    --no-pretrain) no_pretrain=1; shift ;;
     --stop-after) need "$@"; stop_after="$2"; shift 2 ;;
     --install) install=1; shift ;;
     --smoke) smoke=1; shift ;;
@@ -103,6 +109,11 @@ if [[ -z "$work" ]]; then
   work="$repo/$work"
 elif [[ "$work" != /* ]]; then
   work="$PWD/$work"
+fi
+if [[ -n "$sft_data_from" ]]; then
+  [[ -f "$sft_data_from/summary.json" && -f "$sft_data_from/val_pieces.txt" ]] ||
+    die "--sft-data $sft_data_from: not a finished data_prep.build_sft output (no summary.json)"
+  sft_data_from="$(cd "$sft_data_from" && pwd)"
 fi
 cd "$repo"
 if [[ -d "$data" ]]; then data="$(cd "$data" && pwd)"; fi
@@ -256,11 +267,31 @@ fi
 
 # --------------------------------------------------------------------------- stages
 
-stage data-sft --clean "$work/sft_data" -- \
-  "$py" -m data_prep.build_sft --asap "$data/asap" --out "$work/sft_data" --workers "$workers" \
-  --val-fraction 0.05 --seed "$split_seed" --num-shards 4 --no-progress "${sft_limit[@]}"
+skip() {  # skip STAGE WHY: a stage this invocation leaves out
+  if [[ $dry_run == 1 ]]; then printf '[%s] skipped: %s\n' "$1" "$2"; return 0; fi
+  echo "==> [$1] skipped: $2"
+  record_time "$1" 0 skipped
+}
+if [[ -n "$sft_data_from" ]]; then
+  if [[ $dry_run == 0 ]]; then
+    if [[ -e "$work/sft_data" && ! -L "$work/sft_data" ]]; then
+      die "--sft-data: $work/sft_data exists and is not a link; use another --work-dir"
+    fi
+    ln -sfn "$sft_data_from" "$work/sft_data"
+  fi
+  skip data-sft "--sft-data $sft_data_from (linked as $work/sft_data)"
+  prev_id="sft-data:$sft_data_from"
+else
+  stage data-sft --clean "$work/sft_data" -- \
+    "$py" -m data_prep.build_sft --asap "$data/asap" --out "$work/sft_data" --workers "$workers" \
+    --val-fraction 0.05 --seed "$split_seed" --num-shards 4 --no-progress "${sft_limit[@]}"
+fi
 stop_here data-sft
 
+if [[ $no_pretrain == 1 ]]; then
+  for s in pretrain-files tokenize pretrain; do skip "$s" "--no-pretrain"; done
+  prev_id="$prev_id no-pretrain"
+else
 stage pretrain-files --clean "$work/pretrain_files" -- \
   "$py" -m data_prep.pretrain_files --split "$work/sft_data/split.json" --asap "$data/asap" \
   --corpus "pop909=$data/unlabeled/pop909" --corpus "giantmidi=$data/unlabeled/giantmidi" \
@@ -281,13 +312,17 @@ stage pretrain --clean "$work/runs/pretrain" -- \
   "train.output_dir=$work/runs/pretrain" "train.seed=$seed" "data.seed=$seed" \
   "${pre_smoke[@]}" "${pre_steps[@]}" "${pretrain_set[@]}"
 stop_here pretrain
+fi
+
+init_from="train.init_from=$work/runs/pretrain"
+[[ $no_pretrain == 0 ]] || init_from="train.init_from=null"
 
 sft_eval=("data.eval_sources.0.path=$work/sft_data/val")
 if sft_val_empty; then sft_eval=("data.eval_sources=[]"); fi  # --limit left no validation record
 stage sft --clean "$work/runs/sft" -- \
   "$py" -m pianist_jax.train --config configs/default/sft.yaml --no-progress \
   "data.sources.0.path=$work/sft_data/train" "${sft_eval[@]}" \
-  "train.output_dir=$work/runs/sft" "train.init_from=$work/runs/pretrain" \
+  "train.output_dir=$work/runs/sft" "$init_from" \
   "train.seed=$seed" "data.seed=$seed" "${sft_smoke[@]}" "${sft_steps_args[@]}" "${sft_set[@]}"
 stop_here sft
 

@@ -109,7 +109,10 @@ def test_dry_run_train_commands_build_valid_configs(tmp_path):
     assert pre.train.lr == 2e-3 and (sft.train.steps, sft.train.warmup_steps) == (40, 4)
     assert pre.train.output_dir == str(work / "runs" / "pretrain")
     assert sft.train.init_from == pre.train.output_dir
-    assert sft.data.block_size == 4096  # the renderer's window (512 notes)
+    # every attention distance of the renderer's 4096-token windows is seen in training
+    assert sft.data.block_size >= sft.model.sliding_window
+    assert pre.data.block_size >= pre.model.sliding_window
+    assert sft.model.slot_logits  # the loss over each slot's valid range (what is sampled)
     assert sft.data.sources[0].path == str(work / "sft_data" / "train")
     # Pre-training reads shards 0-6 of 8; shard 7 is the held-out eval shard.
     names = [f"shard-{i:05d}-of-00008.array_record" for i in range(8)]
@@ -515,3 +518,23 @@ def test_stage_runner_export_size_and_eval_subset(fake_run):
     _, _, lines = run("--eval-pieces", "1", "--eval-seeds", "4", "--stop-after", "render")
     assert (work / "eval_pieces.txt").read_text().splitlines()[1:] == ["A/midi_score.mid\tA/p.mid"]
     assert lines[-1].startswith("pianist_jax.render") and "--seed 4" in lines[-1]
+
+
+def test_stage_runner_no_pretrain_with_existing_sft_data(fake_run, tmp_path):
+    """The ablation: fine-tune from random parameters on another run's SFT data."""
+    run, work = fake_run
+    sft_data = tmp_path / "other" / "sft_data"
+    sft_data.mkdir(parents=True)
+    (sft_data / "summary.json").write_text('{"records": {"train": 3, "val": 1}}')
+    (sft_data / "val_pieces.txt").write_text("# asap_root\t/x\nA/midi_score.mid\tA/p.mid\n")
+    res, modules, lines = run("--no-pretrain", "--sft-data", str(sft_data), "--eval-seeds", "0")
+    assert modules == ["pianist_jax.train", "pianist_jax.export", "data_prep.eval_set",
+                       "pianist_jax.render", "pianist_jax.evaluate", "pianist_jax.evaluate"]
+    assert "train.init_from=null" in lines[0]
+    assert (work / "sft_data").resolve() == sft_data.resolve()
+    stages = json.loads((work / "times.json").read_text())["stages"]
+    assert [stages[k]["status"] for k in ("data-sft", "pretrain-files", "tokenize", "pretrain")] \
+        == ["skipped"] * 4
+    # not a build_sft output: refused before anything runs
+    res, modules, _ = run("--sft-data", str(tmp_path), check=False)
+    assert res.returncode == 2 and modules == [] and "summary.json" in res.stderr
