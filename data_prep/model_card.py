@@ -330,6 +330,9 @@ def render_markdown(card: dict) -> str:
                      f"{_n(s['tokens_seen'])} | {s['lr']} | {_f(s['train_loss_last50'], 3)} | "
                      f"{_f(ev_s.get('loss'), 3)} | "
                      f"{_hms((stages.get(name) or {}).get('seconds'))} |")
+    if tr.get("sft") and not tr.get("pretrain"):
+        lines += ["", "No pre-training: fine-tuned from random parameters "
+                  "(`launch/train_default.sh --no-pretrain`)."]
     lines += ["", f"Tokens seen in total: {_n(tr.get('tokens_seen_total'))} "
               "(steps x batch x block, both stages).", "", "## Wall time", "",
               "| stage | wall time | status |", "|---|---:|---|"]
