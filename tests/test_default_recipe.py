@@ -12,6 +12,7 @@ import math
 import shlex
 import shutil
 import subprocess
+import sys
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -406,6 +407,24 @@ def test_bundled_model_renders_the_example(tmp_path):
     check_renders_example(None, tmp_path / "waltz.mid")
 
 
+@pytest.mark.slow  # ~10 s: builds a wheel (offline, no build isolation)
+def test_wheel_ships_the_assets(tmp_path):
+    """`pip install` of a wheel gets the example score and, once bundled, the default model."""
+    import zipfile
+
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps",
+                          "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (wheel,) = (tmp_path / "dist").glob("pianist_jax-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "pianist_jax/assets/examples/little_waltz.mid" in names
+    bundled = {f"pianist_jax/assets/default/{p.name}" for p in DEFAULT_MODEL.glob("*")
+               if p.is_file()}
+    assert bundled <= names, sorted(bundled - names)
+
+
 # --------------------------------------------------------------------------- the stage runner
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
@@ -443,8 +462,6 @@ exit 0
 
 @pytest.fixture
 def fake_run(tmp_path):
-    import sys
-
     data = tmp_path / "data"
     for d in ("asap", "unlabeled/pop909", "unlabeled/giantmidi"):
         (data / d).mkdir(parents=True)
