@@ -231,10 +231,16 @@ def render_files(args) -> str:
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="note", desc="rendering", file=sys.stderr)
+        # tqdm's own rate and ETA would count compile time: show the rendering rate instead
+        bar = tqdm(total=total, unit="note", desc="rendering", file=sys.stderr,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} notes [{elapsed}{postfix}]")
+    t_bar, compiled_before = time.perf_counter(), renderer.compile_seconds
 
     def progress(n):
         if bar is not None:
+            busy = time.perf_counter() - t_bar - (renderer.compile_seconds - compiled_before)
+            if busy > 0:
+                bar.set_postfix_str(f"{n / busy:.1f} notes/s without compiling", refresh=False)
             bar.update(n - bar.n)
 
     rendered_notes, seconds = 0, 0.0

@@ -116,6 +116,20 @@ def test_output_has_exactly_the_score_notes(tiny_model, tmp_path, n_notes):
     assert len(np.unique(got.velocity)) > 1  # random weights still sample varied velocities
 
 
+def test_progress_bar_and_summary_line(tiny_model, tmp_path, capsys):
+    """With the bar on (the default) the file is the same as without it; the bar's rate leaves
+    compiling out, like the summary line."""
+    score = make_score(tmp_path / "s.mid", 37)
+    a, b = tmp_path / "a.mid", tmp_path / "b.mid"
+    assert run_cli(tiny_model, score, "-o", a) == 0
+    assert render.main([str(score), "-o", str(b), "--model", str(tiny_model[0]),
+                        "--window-notes", str(WINDOW), "--shift-notes", str(SHIFT)]) == 0
+    err, n = capsys.readouterr().err, len(midi.read_midi(score))
+    assert digest(a) == digest(b)
+    assert f"{n}/{n} notes" in err and "notes/s without compiling" in err
+    assert err.rstrip().splitlines()[-1].startswith(f"rendered {n} notes in ")
+
+
 def test_same_seed_same_bytes_and_greedy(tiny_model, tmp_path):
     score = make_score(tmp_path / "s.mid", 150)
     a, b, c = tmp_path / "a.mid", tmp_path / "b.mid", tmp_path / "c.mid"
