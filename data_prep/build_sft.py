@@ -10,8 +10,8 @@ on the beat annotations, or DTW when they are missing or disagree in count).  Ru
 unpaired score notes cut the piece; segments under 64 notes are dropped; unpaired notes inside
 a segment are interpolated (``target_notes``).  The target has the score's notes and pitches on
 the performance's timeline (onsets made non-decreasing; inside a chord the notes are ordered as
-played, and the score side uses the same order), with the performance's pedal binarised, and both sides are re-based to start at 0 (PAPER_NOTES §3).  One record per
-segment:
+played, and the score side uses the same order), with the performance's pedal binarised, and
+both sides are re-based to start at 0 (PAPER_NOTES §3).  One record per segment:
 ``ids`` = score ids (encoder input, kind 'score'), ``extras['performance']`` = target ids of the
 same length and pitch tokens (decoder target), source ``<folder>/<performer>.mid#seg<k>``.
 

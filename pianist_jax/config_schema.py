@@ -199,12 +199,13 @@ class TrainConfig:
 
 
 MeshAxes = str | tuple[str, ...] | None
+"""What a logical axis maps to: one mesh axis, several (sharded over their product), or None."""
 
 
 def mesh_axes(target: MeshAxes) -> tuple[str, ...]:
     """A rule's target (``None``, one mesh axis, or several) as a tuple of mesh axes."""
     return () if target is None else (target,) if isinstance(target, str) else tuple(target)
-"""What a logical axis maps to: one mesh axis, several (sharded over their product), or None."""
+
 
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),  # examples of the global batch
