@@ -289,33 +289,35 @@ fi
 stop_here data-sft
 
 if [[ $no_pretrain == 1 ]]; then
-  for s in pretrain-files tokenize pretrain; do skip "$s" "--no-pretrain"; done
+  for s in pretrain-files tokenize pretrain; do
+    skip "$s" "--no-pretrain"
+    stop_here "$s"
+  done
   prev_id="$prev_id no-pretrain"
+  init_from="train.init_from=null"
 else
-stage pretrain-files --clean "$work/pretrain_files" -- \
-  "$py" -m data_prep.pretrain_files --split "$work/sft_data/split.json" --asap "$data/asap" \
-  --corpus "pop909=$data/unlabeled/pop909" --corpus "giantmidi=$data/unlabeled/giantmidi" \
-  --out-dir "$work/pretrain_files" "${files_limit[@]}"
-stop_here pretrain-files
+  stage pretrain-files --clean "$work/pretrain_files" -- \
+    "$py" -m data_prep.pretrain_files --split "$work/sft_data/split.json" --asap "$data/asap" \
+    --corpus "pop909=$data/unlabeled/pop909" --corpus "giantmidi=$data/unlabeled/giantmidi" \
+    --out-dir "$work/pretrain_files" "${files_limit[@]}"
+  stop_here pretrain-files
 
-lists="$work/pretrain_files"
-stage tokenize --clean "$work/shards/pretrain" -- \
-  "$py" -m data_prep.tokenize --file-list "$lists/asap.txt:asap" \
-  --file-list "$lists/pop909.txt:pop909" --file-list "$lists/giantmidi.txt:giantmidi" \
-  --output "$work/shards/pretrain" --num-shards "$num_shards" --workers "$workers" --no-progress
-stop_here tokenize
+  lists="$work/pretrain_files"
+  stage tokenize --clean "$work/shards/pretrain" -- \
+    "$py" -m data_prep.tokenize --file-list "$lists/asap.txt:asap" \
+    --file-list "$lists/pop909.txt:pop909" --file-list "$lists/giantmidi.txt:giantmidi" \
+    --output "$work/shards/pretrain" --num-shards "$num_shards" --workers "$workers" --no-progress
+  stop_here tokenize
 
-stage pretrain --clean "$work/runs/pretrain" -- \
-  "$py" -m pianist_jax.train --config configs/default/pretrain.yaml --no-progress \
-  "data.sources.0.path=$work/shards/pretrain/$shard_glob" \
-  "data.eval_sources.0.path=$work/shards/pretrain/$held_out" \
-  "train.output_dir=$work/runs/pretrain" "train.seed=$seed" "data.seed=$seed" \
-  "${pre_smoke[@]}" "${pre_steps[@]}" "${pretrain_set[@]}"
-stop_here pretrain
+  stage pretrain --clean "$work/runs/pretrain" -- \
+    "$py" -m pianist_jax.train --config configs/default/pretrain.yaml --no-progress \
+    "data.sources.0.path=$work/shards/pretrain/$shard_glob" \
+    "data.eval_sources.0.path=$work/shards/pretrain/$held_out" \
+    "train.output_dir=$work/runs/pretrain" "train.seed=$seed" "data.seed=$seed" \
+    "${pre_smoke[@]}" "${pre_steps[@]}" "${pretrain_set[@]}"
+  stop_here pretrain
+  init_from="train.init_from=$work/runs/pretrain"
 fi
-
-init_from="train.init_from=$work/runs/pretrain"
-[[ $no_pretrain == 0 ]] || init_from="train.init_from=null"
 
 sft_eval=("data.eval_sources.0.path=$work/sft_data/val")
 if sft_val_empty; then sft_eval=("data.eval_sources=[]"); fi  # --limit left no validation record

@@ -81,6 +81,9 @@ def test_dry_run_prints_the_stages_in_order(tmp_path):
 def test_dry_run_stops_after(tmp_path):
     out = dry_run("--work-dir", str(tmp_path), "--stop-after", "tokenize").stdout
     assert [s for s, _ in stages_of(out)] == STAGES[:3]
+    # a stage that --no-pretrain leaves out still ends the run when --stop-after names it
+    out = dry_run("--work-dir", str(tmp_path), "--no-pretrain", "--stop-after", "tokenize").stdout
+    assert [s for s, _ in stages_of(out)] == STAGES[:3]
 
 
 def test_bad_arguments_are_refused(tmp_path):
