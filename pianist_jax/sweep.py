@@ -215,17 +215,13 @@ def size_info(cfg: Config) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _size_info(model_cfg, block_size: int) -> dict:
-    import jax
-    from flax import nnx
+    from pianist_jax import export, model
 
-    from pianist_jax import model
-
-    abstract = nnx.eval_shape(lambda: model.PianistTransformer(model_cfg, rngs=nnx.Rngs(0)))
     total = embed = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param)):
-        n = math.prod(leaf.shape)
+    for name, shape in export.param_shapes(model_cfg).items():  # "encoder.word_embeddings", ...
+        n = math.prod(shape)
         total += n
-        if any(getattr(p, "key", None) in ("word_embeddings", "embed_tokens") for p in path):
+        if set(name.split(".")) & {"word_embeddings", "embed_tokens"}:
             embed += n
     return {"params": total, "params_non_embedding": total - embed,
             "flops_per_token": model.flops_per_token(model_cfg, block_size)}
