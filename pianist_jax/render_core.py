@@ -8,10 +8,12 @@ Why it is shaped this way (measured on a 2-core CPU, `bench/render_bench.py`):
 - Logits are computed only over the slot's valid id range (velocity 128, time 5000, pedal 128
   rows), from output tables sliced and transposed once per window, outside the loop.
 - The self-attention cache is split at segments of 128 notes (1024 tokens): a segment attends
-  to one read-only "past" buffer (keys transposed, ``[B, K, D, S]``, built once per segment)
-  plus the chunk it is writing (``[B, K, S, D]``: a new row is one contiguous write), with one
-  exact softmax over both. A note near the start of a window reads little cache, and XLA does
-  not copy or transpose the long past inside the loop.
+  to one read-only "past" buffer (built once per segment) plus the chunk it is writing, with
+  one exact softmax over both. A note near the start of a window reads little cache.
+- Every cache (past, chunk, cross-attention) is laid out as the attention products read it:
+  batch and kv-head axes merged, keys ``[B*K, D, S]``, values ``[B*K, S, D]``. With separate
+  ``[B, K, ...]`` axes XLA copied and transposed the written chunk at every step (about a
+  fifth of a step at batch 1); now it is updated in place.
 - The whole window is one `jax.jit` call (``while_loop`` per segment, the 7 steps unrolled):
   no Python per-token loop, no host round trips; compiled once per (bucket, prime) shape.
 
@@ -37,24 +39,26 @@ SEGMENT_NOTES = 128  # cache chunk: 1024 tokens (64 compiles slower for ~no gain
 
 def _attend(attn, q: jax.Array, parts) -> jax.Array:
     """Softmax attention of ``q [B, T, H, D]`` over the concatenation of ``parts``
-    (``(keys, v [B, K, S, D], mask [B|1, T, S], keys_transposed)``: keys are ``[B, K, D, S]``
-    when transposed - the long read-only past - else ``[B, K, S, D]``), then ``o_proj``."""
+    (``(keys [B*K, D, S], values [B*K, S, D], mask [B|1, T, S])``), then ``o_proj``.
+    Batch and kv-head axes are merged in the caches so every attention product has one batch
+    axis: XLA then reads the caches in place (with ``[B, K, ...]`` it re-laid them out)."""
     b, t, n, d = q.shape
-    kv = parts[0][1].shape[1]
-    qg = q.reshape(b, t, kv, n // kv, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    kv = parts[0][1].shape[0] // b
+    g = n // kv
+    qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, d)
     scale = jnp.asarray(attn.scale, q.dtype)
-    logits = jnp.concatenate(
-        [jnp.einsum("bkgtd,bkds->bkgts" if transposed else "bkgtd,bksd->bkgts", qg, keys)
-         for keys, _, _, transposed in parts], axis=-1) * scale
-    logits = softcap(logits.astype(jnp.float32), attn.logit_cap)
-    mask = jnp.concatenate([jnp.broadcast_to(m, (b, t, m.shape[-1])) for _, _, m, _ in parts], -1)
+    logits = jnp.concatenate([jnp.einsum("nqd,nds->nqs", qg, keys) for keys, _, _ in parts],
+                             axis=-1) * scale
+    logits = softcap(logits.astype(jnp.float32), attn.logit_cap).reshape(b, kv, g, t, -1)
+    mask = jnp.concatenate([jnp.broadcast_to(m, (b, t, m.shape[-1])) for _, _, m in parts], -1)
     probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, _NEG), axis=-1)
+    probs = probs.reshape(b * kv, g * t, -1)
     out, start = 0.0, 0
-    for _, v, _, _ in parts:
-        p = probs[..., start:start + v.shape[2]].astype(v.dtype)
-        out = out + jnp.einsum("bkgts,bksd->bkgtd", p, v)
-        start += v.shape[2]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)  # heads in o_proj's order
+    for _, v, _ in parts:
+        p = probs[..., start:start + v.shape[1]].astype(v.dtype)
+        out = out + jnp.einsum("nqs,nsd->nqd", p, v)
+        start += v.shape[1]
+    out = out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)
     return out @ attn.o_proj[...].reshape(n * d, -1)
 
 
@@ -94,20 +98,20 @@ def _decoder_step(model, fused, ids, pos0, cross, past, cur, cur_base):
         q = apply_rope(qkv[..., :n * d].reshape(b, t, n, d), positions, attn.theta)
         k = apply_rope(qkv[..., n * d:(n + kv) * d].reshape(b, t, kv, d), positions, attn.theta)
         v = qkv[..., (n + kv) * d:].reshape(b, t, kv, d)
-        ck, cv = cur[i]  # [B, K, S, D]: a new row is one contiguous write
+        ck, cv = cur[i]  # [B*K, D, S], [B*K, S, D]
         off = pos0 - cur_base
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype),
-                                                 off, 2)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype),
-                                                 off, 2)
+        ck = jax.lax.dynamic_update_slice_in_dim(
+            ck, k.transpose(0, 2, 3, 1).reshape(b * kv, d, t).astype(ck.dtype), off, 2)
+        cv = jax.lax.dynamic_update_slice_in_dim(
+            cv, v.transpose(0, 2, 1, 3).reshape(b * kv, t, d).astype(cv.dtype), off, 1)
         new_cur.append((ck, cv))
         parts = []
         if past is not None:
             pk_t, pv = past[i]
-            parts.append((pk_t, pv, window_mask(q_pos, jnp.arange(pv.shape[2]), window, causal=True)[None],
-                          True))
-        k_pos = cur_base + jnp.arange(cv.shape[2])
-        parts.append((ck, cv, window_mask(q_pos, k_pos, window, causal=True)[None], False))
+            parts.append((pk_t, pv, window_mask(q_pos, jnp.arange(pv.shape[1]), window,
+                                                causal=True)[None]))
+        k_pos = cur_base + jnp.arange(cv.shape[1])
+        parts.append((ck, cv, window_mask(q_pos, k_pos, window, causal=True)[None]))
         x = x + layer.post_self_attn_norm(_attend(attn, q, parts))
         h = layer.pre_cross_attn_norm(x)
         x = x + layer.post_cross_attn_norm(
@@ -209,8 +213,9 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
         cross = []
         for layer in model.decoder.layers:
             k, v = layer.cross_attn.keys_values(states, None)  # [B, N, K, D]
-            cross.append((k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), enc_mask[:, None],
-                          True))
+            kv, d = k.shape[2], k.shape[3]
+            cross.append((k.transpose(0, 2, 3, 1).reshape(b * kv, d, -1),
+                          v.transpose(0, 2, 1, 3).reshape(b * kv, -1, d), enc_mask[:, None]))
         fused = fuse_weights(model)
         table = model.decoder.embed_tokens[...]
         time_table = table[TIME_START:TIME_START + 5000].T  # [H, 5000]: IOI and duration
@@ -241,8 +246,9 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             last = prime[:, -1]
         else:
             last = jnp.full((b,), BOS, enc_ids.dtype)
-        full = [(c["k"].transpose(0, 2, 1, 3), c["v"].transpose(0, 2, 1, 3))  # [B, K, S, D]
-                for c in cache["layers"]]
+        full = [(c["k"].transpose(0, 2, 3, 1).reshape(-1, c["k"].shape[3], tokens),
+                 c["v"].transpose(0, 2, 1, 3).reshape(-1, tokens, c["v"].shape[3]))
+                for c in cache["layers"]]  # keys [B*K, D, S], values [B*K, S, D]
         pitch = enc_ids.reshape(b, notes, TOKENS_PER_NOTE)[:, :, 0]
         out = jnp.zeros((b, notes, TOKENS_PER_NOTE), enc_ids.dtype)
         if prime_notes:
@@ -254,9 +260,8 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             if hi_note <= prime_notes:
                 continue
             base = m * chunk
-            cur = [(k[:, :, base:base + chunk], v[:, :, base:base + chunk]) for k, v in full]
-            past = None if m == 0 else [(k[:, :, :base].transpose(0, 1, 3, 2), v[:, :, :base])
-                                        for k, v in full]  # keys [B, K, D, S]: one copy
+            cur = [(k[..., base:base + chunk], v[:, base:base + chunk]) for k, v in full]
+            past = None if m == 0 else [(k[..., :base], v[:, :base]) for k, v in full]
 
             def note_step(carry, past=past, base=base):
                 j, cur, last, out = carry
@@ -286,7 +291,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             _, cur, last, out = jax.lax.while_loop(lambda c, stop=stop: c[0] < stop, note_step,
                                                    (jnp.int32(start), cur, last, out))
             full = [(jax.lax.dynamic_update_slice_in_dim(fk, ck, base, 2),
-                     jax.lax.dynamic_update_slice_in_dim(fv, cv, base, 2))
+                     jax.lax.dynamic_update_slice_in_dim(fv, cv, base, 1))
                     for (fk, fv), (ck, cv) in zip(full, cur)]
         return out.reshape(b, tokens)
 
