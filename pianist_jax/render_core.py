@@ -7,15 +7,19 @@ Why it is shaped this way (measured on a 2-core CPU, `bench/render_bench.py`):
   the IOI. That makes 7 decoder steps per note instead of 8.
 - Logits are computed only over the slot's valid id range (velocity 128, time 5000, pedal 128
   rows), from output tables sliced and transposed once per window, outside the loop.
-- The self-attention cache is split at segments of 128 notes (1024 tokens): a segment attends
-  to one read-only "past" buffer (built once per segment) plus the chunk it is writing, with
-  one exact softmax over both. A note near the start of a window reads little cache.
-- Every cache (past, chunk, cross-attention) is laid out as the attention products read it:
+- The window is decoded in segments of 128 notes (1024 tokens); segment ``m`` carries a cache
+  buffer of only the ``(m + 1) * 1024`` tokens it can see, so a note near the start of a
+  window reads little cache.
+- Every cache (self- and cross-attention) is laid out as the attention products read it:
   batch and kv-head axes merged, keys ``[B*K, D, S]``, values ``[B*K, S, D]``. With separate
-  ``[B, K, ...]`` axes XLA copied and transposed the written chunk at every step (about a
+  ``[B, K, ...]`` axes XLA copied and transposed the written cache at every step (about a
   fifth of a step at batch 1); now it is updated in place.
-- The whole window is one `jax.jit` call (``while_loop`` per segment, the 7 steps unrolled):
-  no Python per-token loop, no host round trips; compiled once per (bucket, prime) shape.
+- In the fused ``[Pedal4, Pitch]`` step only the Pitch position's output is used, so the last
+  decoder layer computes attention, cross-attention and MLP for that one token (the other's
+  keys and values are all it needs from that layer).
+- The whole window is one `jax.jit` call (``while_loop`` per segment, the 7 steps of a note
+  unrolled, so each slot's sampling is specialised): no Python per-token loop, no host round
+  trips; compiled once per (bucket, prime) shape.
 
 Sampling is per row: temperature (0 = greedy) and top-p inside the slot's range, with a key
 folded from (row key, global note index, slot), so a note's draw does not depend on the
@@ -78,17 +82,17 @@ def fuse_weights(model) -> list[dict]:
     return fused
 
 
-def _decoder_step(model, fused, ids, pos0, cross, past, cur, cur_base):
+def _decoder_step(model, fused, ids, pos0, cross, cache):
     """Run the decoder on ``ids [B, T]`` at positions ``pos0 ..``; writes their keys/values into
-    the current chunks ``cur`` (list per layer of ``(k, v)``) at ``pos0 - cur_base``.
-    Returns the final hidden state of the last token ``[B, H]`` and the updated chunks."""
+    ``cache`` (list per layer of ``(keys [B*K, D, S], values [B*K, S, D])``, position 0 first).
+    Returns the final hidden state of the last token ``[B, H]`` and the updated cache."""
     dec, cfg = model.decoder, model.cfg
     b, t = ids.shape
     q_pos = pos0 + jnp.arange(t)
     positions = jnp.broadcast_to(q_pos, (b, t))
     x = jnp.take(dec.embed_tokens[...], ids, axis=0) * jnp.asarray(math.sqrt(cfg.hidden),
                                                                    cfg.dtype)
-    new_cur = []
+    new_cache = []
     for i, layer in enumerate(dec.layers):
         window = cfg.sliding_window if is_sliding(i) else None
         attn = layer.self_attn
@@ -98,28 +102,23 @@ def _decoder_step(model, fused, ids, pos0, cross, past, cur, cur_base):
         q = apply_rope(qkv[..., :n * d].reshape(b, t, n, d), positions, attn.theta)
         k = apply_rope(qkv[..., n * d:(n + kv) * d].reshape(b, t, kv, d), positions, attn.theta)
         v = qkv[..., (n + kv) * d:].reshape(b, t, kv, d)
-        ck, cv = cur[i]  # [B*K, D, S], [B*K, S, D]
-        off = pos0 - cur_base
+        ck, cv = cache[i]
         ck = jax.lax.dynamic_update_slice_in_dim(
-            ck, k.transpose(0, 2, 3, 1).reshape(b * kv, d, t).astype(ck.dtype), off, 2)
+            ck, k.transpose(0, 2, 3, 1).reshape(b * kv, d, t).astype(ck.dtype), pos0, 2)
         cv = jax.lax.dynamic_update_slice_in_dim(
-            cv, v.transpose(0, 2, 1, 3).reshape(b * kv, t, d).astype(cv.dtype), off, 1)
-        new_cur.append((ck, cv))
-        parts = []
-        if past is not None:
-            pk_t, pv = past[i]
-            parts.append((pk_t, pv, window_mask(q_pos, jnp.arange(pv.shape[1]), window,
-                                                causal=True)[None]))
-        k_pos = cur_base + jnp.arange(cv.shape[1])
-        parts.append((ck, cv, window_mask(q_pos, k_pos, window, causal=True)[None]))
-        x = x + layer.post_self_attn_norm(_attend(attn, q, parts))
+            cv, v.transpose(0, 2, 1, 3).reshape(b * kv, t, d).astype(cv.dtype), pos0, 1)
+        new_cache.append((ck, cv))
+        if i == len(dec.layers) - 1 and t > 1:  # only the last token's output is used
+            q, x, q_pos = q[:, -1:], x[:, -1:], q_pos[-1:]
+        mask = window_mask(q_pos, jnp.arange(cv.shape[1]), window, causal=True)[None]
+        x = x + layer.post_self_attn_norm(_attend(attn, q, [(ck, cv, mask)]))
         h = layer.pre_cross_attn_norm(x)
         x = x + layer.post_cross_attn_norm(
             _attend(layer.cross_attn, layer.cross_attn.queries(h, None), [cross[i]]))
         gate, up = jnp.split(layer.pre_ffw_norm(x) @ fused[i]["gate_up"], 2, axis=-1)
         x = x + layer.post_ffw_norm(
             (jax.nn.gelu(gate, approximate=True) * up) @ layer.mlp.down_proj[...])
-    return dec.norm(x[:, -1]), new_cur
+    return dec.norm(x[:, -1]), new_cache
 
 
 def _search(lo, hi, rounds: int, count_fn, ways: int = 16):
@@ -218,24 +217,23 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
                           v.transpose(0, 2, 1, 3).reshape(b * kv, -1, d), enc_mask[:, None]))
         fused = fuse_weights(model)
         table = model.decoder.embed_tokens[...]
-        time_table = table[TIME_START:TIME_START + 5000].T  # [H, 5000]: IOI and duration
-        small = jnp.stack([table[VELOCITY_START:VELOCITY_START + 128].T,  # [2, H, 128]
-                           table[PEDAL_START:PEDAL_START + 128].T])
+        out_tables = {  # [H, n]: the valid rows of each slot kind
+            "time": table[TIME_START:TIME_START + 5000].T,  # IOI and duration
+            "velocity": table[VELOCITY_START:VELOCITY_START + 128].T,
+            "pedal": table[PEDAL_START:PEDAL_START + 128].T}
+        offsets = {"time": TIME_START, "velocity": VELOCITY_START, "pedal": PEDAL_START}
 
         uniforms = _uniforms(row_keys, first_note, notes)  # [B, notes, 8], drawn up front
 
-        def pick(x, kind, note_index, slot, n_valid, is_pedal=None):
+        def pick(x, kind: str, note_index, slot: int, n_valid: int):
             """Sample one slot's id from the final hidden state ``x [B, H]``."""
-            w = time_table if kind == "time" else small[is_pedal.astype(jnp.int32)]
-            logits = softcap(jnp.einsum("bh,hn->bn", x, w, preferred_element_type=jnp.float32),
+            logits = softcap(jnp.einsum("bh,hn->bn", x, out_tables[kind],
+                                        preferred_element_type=jnp.float32),
                              cfg.final_logit_softcap)
             if n_valid < logits.shape[-1]:  # IOI: the time ids past 4990 ms are not valid
                 logits = jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, -jnp.inf)
-            u = jax.lax.dynamic_index_in_dim(
-                jax.lax.dynamic_index_in_dim(uniforms, note_index, 1, False), slot, 1, False)
-            offset = (TIME_START if kind == "time"
-                      else jnp.where(is_pedal, PEDAL_START, VELOCITY_START))
-            return sample(logits, u, temperature, top_p) + offset
+            u = jax.lax.dynamic_index_in_dim(uniforms, note_index, 1, False)[:, slot]
+            return sample(logits, u, temperature, top_p) + offsets[kind]
 
         prime_len = prime_notes * TOKENS_PER_NOTE
         cache = model.init_cache(states, tokens, dtype)
@@ -259,40 +257,31 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             lo_note, hi_note = m * chunk_notes, (m + 1) * chunk_notes
             if hi_note <= prime_notes:
                 continue
-            base = m * chunk
-            cur = [(k[..., base:base + chunk], v[:, base:base + chunk]) for k, v in full]
-            past = None if m == 0 else [(k[..., :base], v[:, :base]) for k, v in full]
+            seen = (m + 1) * chunk  # the tokens this segment's notes can attend to
+            seg = [(k[..., :seen], v[:, :seen]) for k, v in full]
 
-            def note_step(carry, past=past, base=base):
-                j, cur, last, out = carry
+            def note_step(carry):
+                j, seg, last, out = carry
                 pos = j * TOKENS_PER_NOTE
-                x, cur = _decoder_step(model, fused, jnp.stack([last, pitch[:, j]], axis=1), pos,
-                                       cross, past, cur, base)
-                ioi = pick(x, "time", j, 1, MAX_IOI_MS + 1)
-                row = jnp.zeros((b, TOKENS_PER_NOTE), out.dtype).at[:, 0].set(pitch[:, j])
-                row = row.at[:, 1].set(ioi.astype(out.dtype))
-
-                def slot_step(s, c):  # slots 2..7: velocity, duration, pedal 1-4
-                    prev, cur, row = c
-                    x, cur = _decoder_step(model, fused, prev[:, None], pos + s, cross, past, cur,
-                                           base)
-                    tok = jax.lax.cond(
-                        s == 3, lambda: pick(x, "time", j, s, 5000),
-                        lambda: pick(x, "small", j, s, 128, s > 2)).astype(row.dtype)
-                    return tok, cur, jax.lax.dynamic_update_slice_in_dim(row, tok[:, None], s, 1)
-
-                last, cur, row = jax.lax.fori_loop(2, TOKENS_PER_NOTE, slot_step,
-                                                   (row[:, 1], cur, row))
+                x, seg = _decoder_step(model, fused, jnp.stack([last, pitch[:, j]], axis=1), pos,
+                                       cross, seg)
+                row = [pitch[:, j], pick(x, "time", j, 1, MAX_IOI_MS + 1)]
+                for s in range(2, TOKENS_PER_NOTE):  # velocity, duration, pedal 1-4
+                    x, seg = _decoder_step(model, fused, row[-1][:, None].astype(out.dtype),
+                                           pos + s, cross, seg)
+                    kind = "velocity" if s == 2 else "time" if s == 3 else "pedal"
+                    row.append(pick(x, kind, j, s, 5000 if s == 3 else 128))
+                row = jnp.stack([r.astype(out.dtype) for r in row], axis=1)
                 out = jax.lax.dynamic_update_slice_in_dim(out, row[:, None], j, 1)
-                return j + 1, cur, last, out
+                return j + 1, seg, row[:, -1], out
 
             start = max(lo_note, prime_notes)
             stop = jnp.minimum(hi_note, n_max)
-            _, cur, last, out = jax.lax.while_loop(lambda c, stop=stop: c[0] < stop, note_step,
-                                                   (jnp.int32(start), cur, last, out))
-            full = [(jax.lax.dynamic_update_slice_in_dim(fk, ck, base, 2),
-                     jax.lax.dynamic_update_slice_in_dim(fv, cv, base, 1))
-                    for (fk, fv), (ck, cv) in zip(full, cur)]
+            _, seg, last, out = jax.lax.while_loop(lambda c, stop=stop: c[0] < stop, note_step,
+                                                   (jnp.int32(start), seg, last, out))
+            full = [(jax.lax.dynamic_update_slice_in_dim(fk, sk, 0, 2),
+                     jax.lax.dynamic_update_slice_in_dim(fv, sv, 0, 1))
+                    for (fk, fv), (sk, sv) in zip(full, seg)]
         return out.reshape(b, tokens)
 
     return window_fn
