@@ -43,27 +43,22 @@ from pianist_jax.tokenizer import (BOS, MAX_IOI_MS, PEDAL_START, TIME_START, TOK
 
 SEGMENT_NOTES = 128  # cache chunk: 1024 tokens (64 compiles slower for ~no gain)
 
-def _attend(attn, q: jax.Array, parts) -> jax.Array:
-    """Softmax attention of ``q [B, T, H, D]`` over the concatenation of ``parts``
-    (``(keys [B*K, D, S], values [B*K, S, D], mask [B|1, T, S])``), then ``o_proj``.
+def _attend(attn, q: jax.Array, keys: jax.Array, values: jax.Array,
+            mask: jax.Array) -> jax.Array:
+    """Softmax attention of ``q [B, T, H, D]`` over ``keys [B*K, D, S]``, ``values
+    [B*K, S, D]`` where ``mask [B|1, T, S]`` is true, then ``o_proj``.
     Batch and kv-head axes are merged in the caches so every attention product has one batch
     axis: XLA then reads the caches in place (with ``[B, K, ...]`` it re-laid them out)."""
     b, t, n, d = q.shape
-    kv = parts[0][1].shape[0] // b
+    kv = values.shape[0] // b
     g = n // kv
     qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, d)
-    scale = jnp.asarray(attn.scale, q.dtype)
-    logits = jnp.concatenate([jnp.einsum("nqd,nds->nqs", qg, keys) for keys, _, _ in parts],
-                             axis=-1) * scale
+    logits = jnp.einsum("nqd,nds->nqs", qg, keys) * jnp.asarray(attn.scale, q.dtype)
     logits = softcap(logits.astype(jnp.float32), attn.logit_cap).reshape(b, kv, g, t, -1)
-    mask = jnp.concatenate([jnp.broadcast_to(m, (b, t, m.shape[-1])) for _, _, m in parts], -1)
+    mask = jnp.broadcast_to(mask, (b, t, mask.shape[-1]))
     probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, _NEG), axis=-1)
-    probs = probs.reshape(b * kv, g * t, -1)
-    out, start = 0.0, 0
-    for _, v, _ in parts:
-        p = probs[..., start:start + v.shape[1]].astype(v.dtype)
-        out = out + jnp.einsum("nqs,nsd->nqd", p, v)
-        start += v.shape[1]
+    probs = probs.reshape(b * kv, g * t, -1).astype(values.dtype)
+    out = jnp.einsum("nqs,nsd->nqd", probs, values)
     out = out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)
     return out @ attn.o_proj[...].reshape(n * d, -1)
 
@@ -113,10 +108,10 @@ def _decoder_step(model, fused, ids, pos0, cross, cache):
         if i == len(dec.layers) - 1 and t > 1:  # only the last token's output is used
             q, x, q_pos = q[:, -1:], x[:, -1:], q_pos[-1:]
         mask = window_mask(q_pos, jnp.arange(cv.shape[1]), window, causal=True)[None]
-        x = x + layer.post_self_attn_norm(_attend(attn, q, [(ck, cv, mask)]))
+        x = x + layer.post_self_attn_norm(_attend(attn, q, ck, cv, mask))
         h = layer.pre_cross_attn_norm(x)
         x = x + layer.post_cross_attn_norm(
-            _attend(layer.cross_attn, layer.cross_attn.queries(h, None), [cross[i]]))
+            _attend(layer.cross_attn, layer.cross_attn.queries(h, None), *cross[i]))
         gate, up = jnp.split(layer.pre_ffw_norm(x) @ fused[i]["gate_up"], 2, axis=-1)
         x = x + layer.post_ffw_norm(
             (jax.nn.gelu(gate, approximate=True) * up) @ layer.mlp.down_proj[...])
