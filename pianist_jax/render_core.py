@@ -5,11 +5,13 @@ Why it is shaped this way (measured on a 2-core CPU, `bench/render_bench.py`):
   is what counts. The pitch of every note is known (pitch forcing), so the step that would
   predict it is fused with the next one: ``[previous Pedal4, Pitch]`` go in together and yield
   the IOI. That makes 7 decoder steps per note instead of 8.
-- Every decoder matrix is stored transposed, ``[out, in]`` (the PyTorch layout), for the
-  loop: each output is then a dot product of two contiguous rows. On this CPU that reads the
-  weights faster than ``[in, out]`` (in one process, base fp32: 6.0 -> 5.6 ms per step at
-  batch 1, 33.5 -> 25.0 ms at batch 8; same output). The output tables stay ``[H, n]``,
-  which measured faster for them.
+- When the decoder's matrices are too big to stay in the CPU cache (over 32 MiB, e.g. base:
+  88 MB in float32), every step streams them from memory, and they are stored transposed,
+  ``[out, in]``, for the loop: each output is then a dot product of two contiguous rows,
+  which streams faster (in one process, base fp32: 6.0 -> 5.6 ms per step at batch 1,
+  33.5 -> 25.0 ms at batch 8; same output). Smaller models keep ``[in, out]``, which
+  computes faster from cache (small fp32, batch 1: 1.14 vs 1.26 ms per step). The output
+  tables stay ``[H, n]``, which measured faster for them.
 - Logits are computed only over the slot's valid id range (velocity 128, time 5000, pedal 128
   rows), from output tables sliced and transposed once per window, outside the loop.
 - The window is decoded in segments of 128 notes (1024 tokens); segment ``m`` carries a cache
@@ -48,16 +50,19 @@ from pianist_jax.tokenizer import (BOS, MAX_IOI_MS, PEDAL_START, TIME_START, TOK
 
 SEGMENT_NOTES = 128  # cache chunk: 1024 tokens (64 compiles slower for ~no gain)
 
-def _mv(x: jax.Array, w_t: jax.Array) -> jax.Array:
-    """``x [..., I]`` times the transposed matrix ``w_t [O, I]`` -> ``[..., O]``."""
-    return jax.lax.dot_general(x, w_t, (((x.ndim - 1,), (1,)), ((), ())))
+STREAMED_BYTES = 32 << 20  # decoder matrices above this are stored [out, in] (see above)
+
+
+def _mv(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    """``x [..., I]`` times ``w [I, O]`` (or ``[O, I]`` when ``transposed``) -> ``[..., O]``."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1 if transposed else 0,)), ((), ())))
 
 
 def _attend(attn, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
-            o_t: jax.Array) -> jax.Array:
+            o: jax.Array, transposed: bool) -> jax.Array:
     """Softmax attention of ``q [B, T, H, D]`` over ``keys [B*K, D, S]``, ``values
-    [B*K, S, D]`` where ``mask [B|1, T, S]`` is true, then the output projection
-    ``o_t [hidden, H*D]``.
+    [B*K, S, D]`` where ``mask [B|1, T, S]`` is true, then the output projection ``o``
+    (``[H*D, hidden]``, or transposed).
     Batch and kv-head axes are merged in the caches so every attention product has one batch
     axis: XLA then reads the caches in place (with ``[B, K, ...]`` it re-laid them out)."""
     b, t, n, d = q.shape
@@ -71,30 +76,34 @@ def _attend(attn, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Ar
     probs = probs.reshape(b * kv, g * t, -1).astype(values.dtype)
     out = jnp.einsum("nqs,nsd->nqd", probs, values)
     out = out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)
-    return _mv(out, o_t)
+    return _mv(out, o, transposed)
 
 
-def fuse_weights(model) -> list[dict]:
-    """Per decoder layer, every matrix the loop uses, transposed to ``[out, in]`` (built once
-    per window, outside the loop): the q/k/v projections as one ``[(n + 2k) * D, H]`` matrix
-    and the MLP gate/up as one ``[2F, H]`` matrix, so one matrix-vector product instead of
-    three / two per step (decoding is memory-bound: fewer, larger reads)."""
+def fuse_weights(model) -> tuple[list[dict], bool]:
+    """Per decoder layer, every matrix the loop uses (built once per window, outside the
+    loop): the q/k/v projections as one ``[H, (n + 2k) * D]`` matrix and the MLP gate/up as
+    one ``[H, 2F]`` matrix, so one matrix-vector product instead of three / two per step
+    (decoding is memory-bound: fewer, larger reads). All transposed to ``[out, in]`` when
+    they add up to more than `STREAMED_BYTES`; returns (matrices, transposed)."""
     fused = []
     for layer in model.decoder.layers:
         a, c, mlp = layer.self_attn, layer.cross_attn, layer.mlp
         h = a.q_proj.shape[0]
         fused.append({
             "qkv": jnp.concatenate([a.q_proj[...].reshape(h, -1), a.k_proj[...].reshape(h, -1),
-                                    a.v_proj[...].reshape(h, -1)], axis=1).T,
-            "o": a.o_proj[...].reshape(-1, h).T,
-            "cross_q": c.q_proj[...].reshape(h, -1).T,
-            "cross_o": c.o_proj[...].reshape(-1, h).T,
-            "gate_up": jnp.concatenate([mlp.gate_proj[...], mlp.up_proj[...]], axis=1).T,
-            "down": mlp.down_proj[...].T})
-    return fused
+                                    a.v_proj[...].reshape(h, -1)], axis=1),
+            "o": a.o_proj[...].reshape(-1, h),
+            "cross_q": c.q_proj[...].reshape(h, -1),
+            "cross_o": c.o_proj[...].reshape(-1, h),
+            "gate_up": jnp.concatenate([mlp.gate_proj[...], mlp.up_proj[...]], axis=1),
+            "down": mlp.down_proj[...]})
+    transposed = sum(w.size * w.dtype.itemsize for f in fused for w in f.values()) > STREAMED_BYTES
+    if transposed:
+        fused = [{k: w.T for k, w in f.items()} for f in fused]
+    return fused, transposed
 
 
-def _decoder_step(model, fused, ids, pos0, cross, cache):
+def _decoder_step(model, fused, transposed, ids, pos0, cross, cache):
     """Run the decoder on ``ids [B, T]`` at positions ``pos0 ..``; writes their keys/values into
     ``cache`` (list per layer of ``(keys [B*K, D, S], values [B*K, S, D])``, position 0 first).
     Returns the final hidden state of the last token ``[B, H]`` and the updated cache."""
@@ -111,7 +120,7 @@ def _decoder_step(model, fused, ids, pos0, cross, cache):
         n, d = attn.q_proj.shape[1], attn.q_proj.shape[2]
         kv = attn.k_proj.shape[1]
         w = fused[i]
-        qkv = _mv(layer.pre_self_attn_norm(x), w["qkv"])
+        qkv = _mv(layer.pre_self_attn_norm(x), w["qkv"], transposed)
         q = apply_rope(qkv[..., :n * d].reshape(b, t, n, d), positions, attn.theta)
         k = apply_rope(qkv[..., n * d:(n + kv) * d].reshape(b, t, kv, d), positions, attn.theta)
         v = qkv[..., (n + kv) * d:].reshape(b, t, kv, d)
@@ -124,12 +133,15 @@ def _decoder_step(model, fused, ids, pos0, cross, cache):
         if i == len(dec.layers) - 1 and t > 1:  # only the last token's output is used
             q, x, q_pos = q[:, -1:], x[:, -1:], q_pos[-1:]
         mask = window_mask(q_pos, jnp.arange(cv.shape[1]), window, causal=True)[None]
-        x = x + layer.post_self_attn_norm(_attend(attn, q, ck, cv, mask, w["o"]))
+        x = x + layer.post_self_attn_norm(_attend(attn, q, ck, cv, mask, w["o"], transposed))
         h = layer.pre_cross_attn_norm(x)
-        cq = _mv(h, w["cross_q"]).reshape(*h.shape[:2], *layer.cross_attn.q_proj.shape[1:])
-        x = x + layer.post_cross_attn_norm(_attend(layer.cross_attn, cq, *cross[i], w["cross_o"]))
-        gate, up = jnp.split(_mv(layer.pre_ffw_norm(x), w["gate_up"]), 2, axis=-1)
-        x = x + layer.post_ffw_norm(_mv(jax.nn.gelu(gate, approximate=True) * up, w["down"]))
+        cq = _mv(h, w["cross_q"], transposed).reshape(*h.shape[:2],
+                                                      *layer.cross_attn.q_proj.shape[1:])
+        x = x + layer.post_cross_attn_norm(
+            _attend(layer.cross_attn, cq, *cross[i], w["cross_o"], transposed))
+        gate, up = jnp.split(_mv(layer.pre_ffw_norm(x), w["gate_up"], transposed), 2, axis=-1)
+        x = x + layer.post_ffw_norm(
+            _mv(jax.nn.gelu(gate, approximate=True) * up, w["down"], transposed))
     return dec.norm(x[:, -1]), new_cache
 
 
@@ -227,7 +239,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             kv, d = k.shape[2], k.shape[3]
             cross.append((k.transpose(0, 2, 3, 1).reshape(b * kv, d, -1),
                           v.transpose(0, 2, 1, 3).reshape(b * kv, -1, d), enc_mask[:, None]))
-        fused = fuse_weights(model)
+        fused, transposed = fuse_weights(model)
         table = model.decoder.embed_tokens[...]
         out_tables = {  # [H, n]: the valid rows of each slot kind
             "time": table[TIME_START:TIME_START + 5000].T,  # IOI and duration
@@ -275,12 +287,12 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             def note_step(carry):
                 j, seg, last, out = carry
                 pos = j * TOKENS_PER_NOTE
-                x, seg = _decoder_step(model, fused, jnp.stack([last, pitch[:, j]], axis=1), pos,
-                                       cross, seg)
+                x, seg = _decoder_step(model, fused, transposed,
+                                       jnp.stack([last, pitch[:, j]], axis=1), pos, cross, seg)
                 row = [pitch[:, j], pick(x, "time", j, 1, MAX_IOI_MS + 1)]
                 for s in range(2, TOKENS_PER_NOTE):  # velocity, duration, pedal 1-4
-                    x, seg = _decoder_step(model, fused, row[-1][:, None].astype(out.dtype),
-                                           pos + s, cross, seg)
+                    x, seg = _decoder_step(model, fused, transposed,
+                                           row[-1][:, None].astype(out.dtype), pos + s, cross, seg)
                     kind = "velocity" if s == 2 else "time" if s == 3 else "pedal"
                     row.append(pick(x, kind, j, s, 5000 if s == 3 else 128))
                 row = jnp.stack([r.astype(out.dtype) for r in row], axis=1)
