@@ -5,13 +5,13 @@ Why it is shaped this way (measured on a 2-core CPU, `bench/render_bench.py`):
   is what counts. The pitch of every note is known (pitch forcing), so the step that would
   predict it is fused with the next one: ``[previous Pedal4, Pitch]`` go in together and yield
   the IOI. That makes 7 decoder steps per note instead of 8.
-- When the decoder's matrices are too big to stay in the CPU cache (over 32 MiB, e.g. base:
-  88 MB in float32), every step streams them from memory, and they are stored transposed,
-  ``[out, in]``, for the loop: each output is then a dot product of two contiguous rows,
-  which streams faster (in one process, base fp32: 6.0 -> 5.6 ms per step at batch 1,
-  33.5 -> 25.0 ms at batch 8; same output). Smaller models keep ``[in, out]``, which
-  computes faster from cache (small fp32, batch 1: 1.14 vs 1.26 ms per step). The output
-  tables stay ``[H, n]``, which measured faster for them.
+- The decoder's matrices are stored transposed, ``[out, in]``, for the loop (each output a
+  dot product of two contiguous rows), which streams faster from memory and suits the
+  several-row products of a batch: in one process, base fp32 6.0 -> 5.6 ms per step at
+  batch 1 and 33.5 -> 25.0 ms at batch 8; small fp32 at batch 8 8.4 -> 7.6 ms. The one
+  exception is a single row with matrices small enough to stay in the CPU cache (up to
+  32 MiB, e.g. small): ``[in, out]`` computes faster there (small fp32, batch 1: 1.16-1.19
+  vs 1.41 ms per step). The output tables stay ``[H, n]``, which measured faster for them.
 - Logits are computed only over the slot's valid id range (velocity 128, time 5000, pedal 128
   rows), from output tables sliced and transposed once per window, outside the loop.
 - The window is decoded in segments of 128 notes (1024 tokens); segment ``m`` carries a cache
@@ -50,7 +50,7 @@ from pianist_jax.tokenizer import (BOS, MAX_IOI_MS, PEDAL_START, TIME_START, TOK
 
 SEGMENT_NOTES = 128  # cache chunk: 1024 tokens (64 compiles slower for ~no gain)
 
-STREAMED_BYTES = 32 << 20  # decoder matrices above this are stored [out, in] (see above)
+CACHED_BYTES = 32 << 20  # single-row decoding keeps [in, out] matrices up to this size
 
 
 def _mv(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
@@ -79,12 +79,12 @@ def _attend(attn, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Ar
     return _mv(out, o, transposed)
 
 
-def fuse_weights(model) -> tuple[list[dict], bool]:
+def fuse_weights(model, rows: int) -> tuple[list[dict], bool]:
     """Per decoder layer, every matrix the loop uses (built once per window, outside the
     loop): the q/k/v projections as one ``[H, (n + 2k) * D]`` matrix and the MLP gate/up as
     one ``[H, 2F]`` matrix, so one matrix-vector product instead of three / two per step
-    (decoding is memory-bound: fewer, larger reads). All transposed to ``[out, in]`` when
-    they add up to more than `STREAMED_BYTES`; returns (matrices, transposed)."""
+    (decoding is memory-bound: fewer, larger reads). All transposed to ``[out, in]``, unless
+    ``rows`` is 1 and they add up to at most `CACHED_BYTES`; returns (matrices, transposed)."""
     fused = []
     for layer in model.decoder.layers:
         a, c, mlp = layer.self_attn, layer.cross_attn, layer.mlp
@@ -97,7 +97,8 @@ def fuse_weights(model) -> tuple[list[dict], bool]:
             "cross_o": c.o_proj[...].reshape(-1, h),
             "gate_up": jnp.concatenate([mlp.gate_proj[...], mlp.up_proj[...]], axis=1),
             "down": mlp.down_proj[...]})
-    transposed = sum(w.size * w.dtype.itemsize for f in fused for w in f.values()) > STREAMED_BYTES
+    size = sum(w.size * w.dtype.itemsize for f in fused for w in f.values())
+    transposed = rows > 1 or size > CACHED_BYTES
     if transposed:
         fused = [{k: w.T for k, w in f.items()} for f in fused]
     return fused, transposed
@@ -239,7 +240,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             kv, d = k.shape[2], k.shape[3]
             cross.append((k.transpose(0, 2, 3, 1).reshape(b * kv, d, -1),
                           v.transpose(0, 2, 1, 3).reshape(b * kv, -1, d), enc_mask[:, None]))
-        fused, transposed = fuse_weights(model)
+        fused, transposed = fuse_weights(model, b)
         table = model.decoder.embed_tokens[...]
         out_tables = {  # [H, n]: the valid rows of each slot kind
             "time": table[TIME_START:TIME_START + 5000].T,  # IOI and duration
