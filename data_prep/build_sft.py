@@ -252,6 +252,8 @@ def align_one(task: tuple[str, dict, int, int]) -> dict:
             "segments_kept": len(segs), "segments_dropped": dropped, "notes_kept": kept,
             "tokens": 8 * kept, "windows": sum(windows(8 * (s.stop - s.start)) for s in segs),
             "notes": notes})
+        if "located_by" in res:  # which map found the match score notes in the score
+            report["located_by"] = res["located_by"]
         for k in ("snotes_located", "perf_located"):
             if k in res:
                 report[k] = round(res[k], 4)
@@ -327,6 +329,7 @@ def summarise(reports: list[dict], n_quarantined: int, seconds: float) -> dict:
             "pooled_paired_pct_match_perfs": round(100 * sum(r["paired"] for r in m) / m_notes, 2),
             "pooled_from_match_pct": round(100 * sum(r["from_match"] for r in m) / m_notes, 2),
             "match_pairs_mapped_pct": round(100 * sum(r["from_match"] for r in m) / m_file, 2),
+            "located_by_scores": sum(r.get("located_by") == "scores" for r in m),
             "pooled_paired_pct_robust_match_perfs": round(
                 100 * sum(r["paired"] for r in robust)
                 / max(sum(r["score_notes"] for r in robust), 1), 2),

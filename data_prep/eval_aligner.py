@@ -8,14 +8,14 @@ spaced in path order) is aligned three ways: the reference = the note pairs take
 file (``align.match_align``'s ``from_match``), the automatic aligner with beat annotations, and
 without them (coarse DTW).  Precision and recall are over (score note index, performance note
 index) pairs.  ``build_sft`` locates match score notes in ``midi_score.mid`` through a map
-fitted on automatic pairs; so that the reference does not depend on the aligner under test,
-here that map is fitted on the two scores alone (``score_anchors``: common pitch subsequence),
-and the agreement (Jaccard) with the ``build_sft`` reference is reported as ``ref_agreement``.
+fitted on automatic pairs or on the two scores, whichever pairs more; so that the reference
+does not depend on the aligner under test, here that map is always fitted on the two scores
+alone (``align.score_anchors``: common pitch subsequence), and the agreement (Jaccard) with the
+``build_sft`` reference is reported as ``ref_agreement``.
 """
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import multiprocessing
 import os
@@ -50,18 +50,6 @@ def precision_recall(found: set, ref: set) -> tuple[float, float]:
     return hit / max(len(found), 1), hit / max(len(ref), 1)
 
 
-def score_anchors(score, match, min_block: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """(match beat, score ms) anchors from the score files alone: the longest common
-    subsequence of the two pitch sequences in (onset, pitch) order, blocks >= min_block."""
-    order = np.lexsort((match.snote_pitch, match.snote_beat))
-    sm = difflib.SequenceMatcher(None, match.snote_pitch[order].tolist(), score.pitch.tolist(),
-                                 autojunk=False)
-    blocks = [b for b in sm.get_matching_blocks() if b.size >= min_block]
-    ia = np.concatenate([np.arange(b.a, b.a + b.size) for b in blocks] + [np.zeros(0, int)])
-    ib = np.concatenate([np.arange(b.b, b.b + b.size) for b in blocks] + [np.zeros(0, int)])
-    return match.snote_beat[order][ia], score.onset[ib].astype(float)
-
-
 def evaluate_one(task: tuple[str, dict]) -> dict:
     """Worker: the three alignments of one performance and their agreement."""
     root, row = task
@@ -73,7 +61,8 @@ def evaluate_one(task: tuple[str, dict]) -> dict:
     match = align.read_match(asap / row["match_file"])
     sb = align.read_beats(asap / row["midi_score_annotations"])
     pb = align.read_beats(asap / row["performance_annotations"])
-    res = align.match_align(score, perf, match, sb, pb, beat_anchors=score_anchors(score, match))
+    res = align.match_align(score, perf, match, sb, pb,
+                            beat_anchors=align.score_anchors(score, match))
     ref = pairs(np.where(res["from_match"], res["idx"], -1))
     res_prod = align.match_align(score, perf, match, sb, pb)  # as build_sft does it
     ref_prod = pairs(np.where(res_prod["from_match"], res_prod["idx"], -1))
@@ -111,7 +100,8 @@ def evaluate(asap: Path, n: int = 30, workers: int = 1) -> dict:
             "mean_recall": round(float(np.mean([r[name]["recall"] for r in rows])), 4),
             "min_precision": min(r[name]["precision"] for r in rows),
             "min_recall": min(r[name]["recall"] for r in rows)}
-    summary["reference_agreement_mean"] = round(float(np.mean([r["ref_agreement"] for r in rows])), 4)
+    summary["reference_agreement_mean"] = round(
+        float(np.mean([r["ref_agreement"] for r in rows])), 4)
     return {"n": len(rows), "selection": "robust_note_alignment=1, evenly spaced by path",
             "summary": summary, "performances": rows}
 

@@ -11,132 +11,27 @@ note in the performance's ``read_midi`` notes, or -1:
   notes are found by pitch + onset (ticks -> ms).  Match score notes are found in
   ``midi_score.mid`` without decoding time signatures or pickups: a monotone map from match
   beats to score ms is fitted on anchors bridged through the performance by ``auto_align``,
-  then each match score note takes the same-pitch score note nearest its mapped beat.  Pairs
-  far off the warp are dropped; notes the match file leaves unpaired are filled from
-  ``auto_align``.
+  and on the common pitch subsequence of the two scores (the one that pairs more wins); then
+  each match score note takes the same-pitch score note nearest its mapped beat.  Pairs far
+  off the warp are dropped; notes the match file leaves unpaired are filled from
+  ``auto_align``.  The file readers live in `pianist_jax.match_file`.
 
 No JAX: this runs in data-prep worker processes.
 """
 from __future__ import annotations
 
-import gzip
-import re
+import difflib
 from bisect import bisect_left
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from pianist_jax import midi
+from pianist_jax.match_file import (AlignError, Match, parse_match, read_beats,  # noqa: F401
+                                   read_match)  # (re-exported: callers use align.*)
 
-_STEP = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
-_ALTER = {"n": 0, "#": 1, "##": 2, "x": 2, "b": -1, "bb": -2}
-_ARGS = re.compile(r",(?![^\[]*\])")  # commas outside [...] lists
 PERF_GATE_MS = 5.0  # match-file performed note <-> read_midi note (measured: <= 1 ms on ASAP)
 MAX_DEV_MS = 300.0  # a pair this far off the warp through all pairs is dropped (~0.5% on ASAP)
-
-
-class AlignError(ValueError):
-    """A match or annotation file we cannot use; `str()` names the file and the reason."""
-
-    def __init__(self, path, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self):  # picklable across worker processes
-        return type(self), (self.path, self.reason)
-
-
-@dataclass(frozen=True)
-class Match:
-    """A parsed match file: score notes (in file order) and performed notes (ms)."""
-
-    snote_pitch: np.ndarray  # int64 [S]
-    snote_beat: np.ndarray  # float64 [S] onset in beats (the file's own beat unit)
-    snote_perf: np.ndarray  # int64 [S] index into the perf_* arrays, -1 for a deletion
-    perf_pitch: np.ndarray  # int64 [P] paired notes and insertions
-    perf_onset: np.ndarray  # float64 [P] ms
-
-
-# ----------------------------------------------------------------------------- reading
-
-def _spelled(step: str, alter: str, octave: str) -> int:
-    if step not in _STEP or alter not in _ALTER:
-        raise ValueError(f"unknown pitch spelling [{step},{alter}]")
-    return 12 * (int(octave) + 1) + _STEP[step] + _ALTER[alter]
-
-
-def _perf_note(args: list[str], ms_per_tick: float) -> tuple[int, float]:
-    """(midi pitch, onset ms) of a note(...) term in either match layout."""
-    if args[1].startswith("["):  # 5.0: note(id,[Step,Alter],Octave,on,off,adjoff,vel)
-        step, alter = args[1][1:-1].split(",")
-        return _spelled(step, alter, args[2]), float(args[3]) * ms_per_tick
-    return int(args[1]), float(args[2]) * ms_per_tick  # 1.0.0: note(id,pitch,on,off,vel,..)
-
-
-def parse_match(text: str, path="<match>") -> Match:
-    """Parse match-file text (v1.0.0 or 5.0); sustain, meta and score-property lines are skipped."""
-    info: dict[str, str] = {}
-    snotes: list[tuple[int, float, str | None]] = []
-    inserted: list[str] = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        try:
-            if line.startswith("info("):
-                key, _, value = line[5:].rstrip(".").rstrip(")").partition(",")
-                info[key] = value
-            elif line.startswith("snote("):
-                head, sep, tail = line.partition(")-")
-                a = _ARGS.split(head[6:])
-                step, alter = a[1][1:-1].split(",")
-                note = tail[5:].rstrip(".").rstrip(")") if tail.startswith("note(") else None
-                if note is None and not tail.startswith("deletion"):
-                    raise ValueError(f"unknown pairing {tail[:30]!r}")
-                snotes.append((_spelled(step, alter, a[2]), float(a[6]), note))
-            elif line.startswith("insertion-note("):
-                inserted.append(line[15:].rstrip(".").rstrip(")"))
-        except (ValueError, IndexError, KeyError) as err:
-            raise AlignError(path, f"line {lineno}: cannot parse {line[:80]!r} ({err})") from err
-    try:
-        ms_per_tick = float(info["midiClockRate"]) / float(info["midiClockUnits"]) / 1000.0
-    except (KeyError, ValueError) as err:
-        raise AlignError(path, "no usable info(midiClockUnits/midiClockRate)") from err
-    if not snotes:
-        raise AlignError(path, "no snote(...) lines")
-    perf, snote_perf = [], []
-    for _, _, note in snotes:
-        snote_perf.append(len(perf) if note is not None else -1)
-        if note is not None:
-            perf.append(_perf_note(_ARGS.split(note), ms_per_tick))
-    perf += [_perf_note(_ARGS.split(n), ms_per_tick) for n in inserted]
-    pp = np.array([p for p, _ in perf], dtype=np.int64).reshape(-1)
-    po = np.array([o for _, o in perf], dtype=np.float64).reshape(-1)
-    return Match(np.array([s[0] for s in snotes], dtype=np.int64),
-                 np.array([s[1] for s in snotes], dtype=np.float64),
-                 np.array(snote_perf, dtype=np.int64), pp, po)
-
-
-def read_match(path) -> Match:
-    """Read a (gzip'd or plain) match file."""
-    try:
-        raw = Path(path).read_bytes()
-        text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as err:
-        raise AlignError(path, f"cannot read match file: {err}") from err
-    return parse_match(text, path)
-
-
-def read_beats(path) -> np.ndarray:
-    """Beat times (ms, float) of an ASAP annotation file (first tab-separated column)."""
-    try:
-        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        beats = np.array([float(ln.split("\t")[0]) * 1000.0 for ln in lines])
-    except (OSError, ValueError) as err:
-        raise AlignError(path, f"cannot read beat annotations: {err}") from err
-    if len(beats) < 2 or np.any(np.diff(beats) < 0):
-        raise AlignError(path, "need >= 2 non-decreasing beat times")
-    return beats
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -335,31 +230,36 @@ def auto_align(score: midi.Notes, perf: midi.Notes, score_beats=None, perf_beats
     return drop_outliers(score, perf, idx), how
 
 
-def match_align(score: midi.Notes, perf: midi.Notes, match: Match, score_beats=None,
-                perf_beats=None, beat_anchors=None) -> dict:
-    """Pairs from a match file, then the automatic aligner on the leftovers.
+def score_anchors(score: midi.Notes, match: Match, min_block: int = 4):
+    """(match beat, score ms) anchors from the two scores alone: the longest common
+    subsequence of their pitch sequences in (onset, pitch) order, blocks >= min_block.
+    Unlike the bridge through the performance this sees a section one score repeats and the
+    other does not (e.g. an exposition repeat in ``midi_score.mid`` the pianist skipped)."""
+    order = np.lexsort((match.snote_pitch, match.snote_beat))
+    sm = difflib.SequenceMatcher(None, match.snote_pitch[order].tolist(), score.pitch.tolist(),
+                                 autojunk=False)
+    blocks = [b for b in sm.get_matching_blocks() if b.size >= min_block]
+    ia = np.concatenate([np.arange(b.a, b.a + b.size) for b in blocks] + [np.zeros(0, int)])
+    ib = np.concatenate([np.arange(b.b, b.b + b.size) for b in blocks] + [np.zeros(0, int)])
+    return match.snote_beat[order][ia], score.onset[ib].astype(float)
 
-    `beat_anchors` = (match beats, score ms) replaces the bridge through the performance
-    (e.g. a performance-independent map, to evaluate the automatic aligner without bias).
 
-    Returns {'idx': perf index per score note (-1 unpaired), 'from_match': bool mask of pairs
-    taken from the match file, 'snotes_located': fraction of match score notes found in the
-    score, 'perf_located': fraction of match performed notes found in the performance MIDI,
-    'auto': the automatic aligner's own result, 'warp': its warp}.
-    """
-    perf_of = assign_by_pitch(match.perf_pitch, match.perf_onset, perf.pitch, perf.onset,
-                              PERF_GATE_MS)
-    auto, how = auto_align(score, perf, score_beats, perf_beats)
-    score_of_perf = np.full(len(perf), -1, dtype=np.int64)
+def bridge_anchors(score: midi.Notes, n_perf: int, match: Match, q: np.ndarray,
+                   auto: np.ndarray):
+    """(match beat, score ms) anchors bridged through the performance: a match score note whose
+    performed note (``q``) the automatic aligner paired with a same-pitch score note."""
+    score_of_perf = np.full(n_perf, -1, dtype=np.int64)
     score_of_perf[auto[auto >= 0]] = np.flatnonzero(auto >= 0)
-    # anchors (match beat -> score ms) bridged through the performance by the automatic pairs
-    has = match.snote_perf >= 0
-    q = np.full(len(match.snote_beat), -1, dtype=np.int64)
-    q[has] = perf_of[match.snote_perf[has]]
     j = np.where(q >= 0, score_of_perf[np.maximum(q, 0)], -1)
     ok = j >= 0
     ok[ok] = score.pitch[j[ok]] == match.snote_pitch[ok]
-    bx, by = monotone_anchors(*(beat_anchors or (match.snote_beat[ok], score.onset[j[ok]])))
+    return match.snote_beat[ok], score.onset[j[ok]]
+
+
+def _pairs_through(score, perf, match, q, auto, anchors) -> dict:
+    """Match pairs located in the score through one (match beat -> score ms) map, outliers
+    dropped, leftovers filled from the automatic pairs, then one tight pass."""
+    bx, by = monotone_anchors(*anchors)
     ms_per_beat = np.median(np.diff(by) / np.diff(bx)) if len(bx) > 1 else 500.0
     step = _local_step(match.snote_beat, bx, by) if len(bx) > 1 else ms_per_beat
     gate = 10.0 + 0.3 * np.clip(step, 0.25 * ms_per_beat, 4 * ms_per_beat)
@@ -378,6 +278,41 @@ def match_align(score: midi.Notes, perf: midi.Notes, match: Match, score_beats=N
         ax, ay = monotone_anchors(score.onset[idx >= 0], perf.onset[idx[idx >= 0]])
         idx = drop_outliers(score, perf, refine(score, perf, idx, ax, ay, gates=(80.0,)))
     return {"idx": idx, "from_match": (idx >= 0) & (idx == from_file),
-            "pairs_in_file": int(has.sum()), "auto": auto, "warp": how,
-            "snotes_located": float((s2j >= 0).mean()),
+            "snotes_located": float((s2j >= 0).mean())}
+
+
+def match_align(score: midi.Notes, perf: midi.Notes, match: Match, score_beats=None,
+                perf_beats=None, beat_anchors=None) -> dict:
+    """Pairs from a match file, then the automatic aligner on the leftovers.
+
+    Match score notes are located in ``midi_score.mid`` through a (match beat -> score ms)
+    map fitted two ways: bridged through the performance by the automatic pairs, and from the
+    two scores alone (`score_anchors`); the way that pairs more notes wins (ties: the bridge).
+    On ASAP the score-only map wins where the two scores differ by a repeat (e.g.
+    ``Rachmaninoff/Preludes_op_32/10/FONG08``: 1,004 -> 2,225 of 2,723 notes paired).
+    ``beat_anchors`` = (match beats, score ms) replaces both (e.g. to evaluate the automatic
+    aligner against a performance-independent map).
+
+    Returns {'idx': perf index per score note (-1 unpaired), 'from_match': bool mask of pairs
+    taken from the match file, 'snotes_located': fraction of match score notes found in the
+    score, 'perf_located': fraction of match performed notes found in the performance MIDI,
+    'located_by': 'performance' | 'scores' | 'given', 'auto': the automatic aligner's own
+    result, 'warp': its warp}.
+    """
+    perf_of = assign_by_pitch(match.perf_pitch, match.perf_onset, perf.pitch, perf.onset,
+                              PERF_GATE_MS)
+    auto, how = auto_align(score, perf, score_beats, perf_beats)
+    has = match.snote_perf >= 0
+    q = np.full(len(match.snote_beat), -1, dtype=np.int64)
+    q[has] = perf_of[match.snote_perf[has]]
+    if beat_anchors is not None:
+        res = {**_pairs_through(score, perf, match, q, auto, beat_anchors), "located_by": "given"}
+    else:
+        bridge = bridge_anchors(score, len(perf), match, q, auto)
+        res = {**_pairs_through(score, perf, match, q, auto, bridge), "located_by": "performance"}
+        scores = score_anchors(score, match)
+        alt = _pairs_through(score, perf, match, q, auto, scores) if len(scores[0]) > 1 else None
+        if alt is not None and (alt["idx"] >= 0).sum() > (res["idx"] >= 0).sum():
+            res = {**alt, "located_by": "scores"}
+    return {**res, "pairs_in_file": int(has.sum()), "auto": auto, "warp": how,
             "perf_located": float((perf_of >= 0).mean()) if len(perf_of) else 1.0}

@@ -125,6 +125,32 @@ def test_match_align_recovers_pairs():
         assert res["snotes_located"] == 1.0 and res["perf_located"] == 1.0
 
 
+def test_match_align_score_with_unplayed_repeat():
+    """midi_score.mid repeats a section the match file's score and the pianist play once: the
+    map fitted on the two scores alone locates every match pair (the bridge through the
+    performance cannot: the automatic aligner has no beats to skip the repeat with)."""
+    score = make_score(240, seed=5)
+    perf, truth = make_performance(score, drop=[10, 11, 50], seed=6)
+    m = align.parse_match(match_text(score, perf, truth))
+    a, b = 15000, 35000  # score section [a, b) is written twice, played once
+    sec = (score.onset >= a) & (score.onset < b)
+    on = np.concatenate([score.onset + np.where(score.onset >= b, b - a, 0),
+                         score.onset[sec] + b - a])
+    dur = np.concatenate([score.duration, score.duration[sec]])
+    pitch = np.concatenate([score.pitch, score.pitch[sec]])
+    o = np.lexsort((pitch, on))
+    empty = np.zeros(0, dtype=np.int64)
+    repeated = midi.Notes(on[o], on[o] + dur[o], pitch[o], np.full(len(o), 64), empty, empty)
+    src = np.concatenate([np.arange(len(score)), np.flatnonzero(sec)])[o]
+    copy = np.concatenate([np.zeros(len(score), bool), np.ones(sec.sum(), bool)])[o]
+    res = align.match_align(repeated, perf, m)
+    assert res["located_by"] == "scores" and res["snotes_located"] == 1.0
+    assert res["from_match"].sum() == (truth >= 0).sum()
+    first = np.where(copy, -1, truth[src])  # played = the first time through
+    second = np.where(sec[src] & ~copy, -1, truth[src])  # played = the repeat
+    assert np.array_equal(res["idx"], first) or np.array_equal(res["idx"], second)
+
+
 def test_auto_aligner_recovers_known_warp():
     score = make_score(240, seed=3)
     perf, truth = make_performance(score, drop=[7, 100], seed=4)
