@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pianist_jax import midi, tokenizer
+from pianist_jax import midi, native_kernels, tokenizer
 from pianist_jax.tokenizer import TOKENS_PER_NOTE
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default"
@@ -69,7 +69,8 @@ class Renderer:
     """An exported model ready to render; compiled window functions are kept per shape."""
 
     def __init__(self, model_dir: str | Path | None = None, *, dtype: str = "float32",
-                 window: int = 512, shift: int = 256, tail: float = 0.2):
+                 window: int = 512, shift: int = 256, tail: float = 0.2,
+                 native: bool | None = None):
         import jax
         from flax import nnx
 
@@ -98,6 +99,12 @@ class Renderer:
         self.graphdef, state = nnx.split(abstract)
         self.device = jax.devices()[0]
         self.sharding = jax.sharding.SingleDeviceSharding(self.device)
+        # the native CPU kernel (None: when it can be built; see pianist_jax/native_kernels.py)
+        self.native, self.native_note = False, "float32 on CPU only"
+        if native is not False and self.device.platform == "cpu" and dtype == "float32":
+            self.native, self.native_note = native_kernels.load()
+        if native and not self.native:
+            raise RenderError(f"native kernel requested but unavailable: {self.native_note}")
         cast = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
         nnx.replace_by_pure_dict(state, cast)
         self.params = jax.device_put(state, self.sharding)
@@ -117,7 +124,8 @@ class Renderer:
         if key not in self._compiled:
             t0 = time.perf_counter()
             s = self.sharding
-            fn = jax.jit(render_core.make_window_fn(self.graphdef, notes, prime),
+            fn = jax.jit(render_core.make_window_fn(self.graphdef, notes, prime,
+                                                    native=self.native),
                          in_shardings=(s,) * 8, out_shardings=s)
             i32, f32 = jnp.int32, jnp.float32
             spec = jax.ShapeDtypeStruct
