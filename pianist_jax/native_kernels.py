@@ -1,4 +1,4 @@
-"""Optional native CPU kernel for the renderer's decode loop (an XLA FFI custom call).
+"""Optional native CPU kernels for the renderer's decode loop (XLA FFI custom calls).
 
 Why: decoding multiplies 1-16 rows (batch x tokens per step) by every decoder matrix, and
 XLA:CPU's kernels for 2-8 rows run at half the speed of streaming the weights. The kernel in
@@ -26,8 +26,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("native") / "matvec.cc"
-TARGET = "pianist_matvec_t"
+SOURCES = [Path(__file__).with_name("native") / f for f in ("matvec.cc", "attend.cc")]
+TARGETS = {"pianist_matvec_t": "PianistMatVecT", "pianist_attend": "PianistAttend"}
 FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC"]
 CACHE_DIR = Path(os.environ.get("PIANIST_JAX_NATIVE_CACHE", "~/.cache/pianist-jax/native"))
 
@@ -65,7 +65,7 @@ def build(cache_dir: Path = CACHE_DIR) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     include = jax.ffi.include_dir()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()
                          + jaxlib.__version__.encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir).expanduser()
     lib = cache_dir / f"libpianist_native-{key}.so"
@@ -75,7 +75,7 @@ def build(cache_dir: Path = CACHE_DIR) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp],
+        proc = subprocess.run([cxx, *FLAGS, f"-I{include}", *map(str, SOURCES), "-o", tmp],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-500:]}")
@@ -101,8 +101,9 @@ def load() -> tuple[bool, str]:
             import jax
 
             handle = ctypes.cdll.LoadLibrary(str(build()))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.PianistMatVecT),
-                                        platform="cpu")
+            for target, symbol in TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)),
+                                            platform="cpu")
         except Exception as err:  # noqa: BLE001 - any failure means: use XLA's products
             ok, why = False, f"native kernel unavailable: {err}"
             warnings.warn(f"pianist-jax: {why}; rendering with XLA's products", stacklevel=2)
@@ -118,6 +119,18 @@ def matvec_t(x, w):
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
-    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, w.shape[0]), x.dtype))(
+    y = jax.ffi.ffi_call("pianist_matvec_t", jax.ShapeDtypeStruct((rows, w.shape[0]), x.dtype))(
         x.reshape(rows, x.shape[-1]), w)
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def attend(q, keys, values, mask, scale: float, cap: float | None):
+    """Grouped-query attention of ``q [B, T, H, D]`` over ``keys [B*K, D, S]``, ``values
+    [B*K, S, D]`` where ``mask [B, T, S]`` (bool) is true, logits soft-capped at ``cap``
+    (None: not capped) -> ``[B, T, H, D]`` (float32, ``D % 16 == 0``); the kernel reads only
+    up to the last visible position. Call only after `load` returned True."""
+    import jax
+    import numpy as np
+
+    return jax.ffi.ffi_call("pianist_attend", jax.ShapeDtypeStruct(q.shape, q.dtype))(
+        q, keys, values, mask, scale=np.float32(scale), cap=np.float32(cap or 0.0))

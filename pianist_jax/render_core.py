@@ -74,13 +74,19 @@ def _mv(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
 
 
 def _attend(attn, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
-            o: jax.Array, layout: str) -> jax.Array:
+            o: jax.Array, layout: str, native: bool = False) -> jax.Array:
     """Softmax attention of ``q [B, T, H, D]`` over ``keys [B*K, D, S]``, ``values
     [B*K, S, D]`` where ``mask [B|1, T, S]`` is true, then the output projection ``o``
-    (``[H*D, hidden]``, or ``[hidden, H*D]``: see `_mv`).
+    (``[H*D, hidden]``, or ``[hidden, H*D]``: see `_mv`); through the native kernel when
+    ``native`` (float32, D % 16 == 0).
     Batch and kv-head axes are merged in the caches so every attention product has one batch
     axis: XLA then reads the caches in place (with ``[B, K, ...]`` it re-laid them out)."""
     b, t, n, d = q.shape
+    if native and q.dtype == keys.dtype == values.dtype == jnp.float32 and d % 16 == 0:
+        out = native_kernels.attend(q, keys, values,
+                                    jnp.broadcast_to(mask, (b, t, mask.shape[-1])),
+                                    float(attn.scale), attn.logit_cap)
+        return _mv(out.reshape(b, t, n * d), o, layout)
     kv = values.shape[0] // b
     g = n // kv
     qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, d)
@@ -120,7 +126,7 @@ def fuse_weights(model, rows: int, native: bool = False) -> tuple[list[dict], st
     return fused, (NATIVE if native else OUT_IN) if transposed else IN_OUT
 
 
-def _decoder_step(model, fused, layout, ids, pos0, cross, cache):
+def _decoder_step(model, fused, layout, ids, pos0, cross, cache, native=False):
     """Run the decoder on ``ids [B, T]`` at positions ``pos0 ..``; writes their keys/values into
     ``cache`` (list per layer of ``(keys [B*K, D, S], values [B*K, S, D])``, position 0 first).
     Returns the final hidden state of the last token ``[B, H]`` and the updated cache."""
@@ -150,12 +156,13 @@ def _decoder_step(model, fused, layout, ids, pos0, cross, cache):
         if i == len(dec.layers) - 1 and t > 1:  # only the last token's output is used
             q, x, q_pos = q[:, -1:], x[:, -1:], q_pos[-1:]
         mask = window_mask(q_pos, jnp.arange(cv.shape[1]), window, causal=True)[None]
-        x = x + layer.post_self_attn_norm(_attend(attn, q, ck, cv, mask, w["o"], layout))
+        x = x + layer.post_self_attn_norm(_attend(attn, q, ck, cv, mask, w["o"], layout,
+                                                            native))
         h = layer.pre_cross_attn_norm(x)
         cq = _mv(h, w["cross_q"], layout).reshape(*h.shape[:2],
                                                       *layer.cross_attn.q_proj.shape[1:])
         x = x + layer.post_cross_attn_norm(
-            _attend(layer.cross_attn, cq, *cross[i], w["cross_o"], layout))
+            _attend(layer.cross_attn, cq, *cross[i], w["cross_o"], layout, native))
         gate, up = jnp.split(_mv(layer.pre_ffw_norm(x), w["gate_up"], layout), 2, axis=-1)
         x = x + layer.post_ffw_norm(
             _mv(jax.nn.gelu(gate, approximate=True) * up, w["down"], layout))
@@ -307,11 +314,13 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
                 j, seg, last, out = carry
                 pos = j * TOKENS_PER_NOTE
                 x, seg = _decoder_step(model, fused, layout,
-                                       jnp.stack([last, pitch[:, j]], axis=1), pos, cross, seg)
+                                       jnp.stack([last, pitch[:, j]], axis=1), pos, cross, seg,
+                                       native)
                 row = [pitch[:, j], pick(x, "time", j, 1, MAX_IOI_MS + 1)]
                 for s in range(2, TOKENS_PER_NOTE):  # velocity, duration, pedal 1-4
                     x, seg = _decoder_step(model, fused, layout,
-                                           row[-1][:, None].astype(out.dtype), pos + s, cross, seg)
+                                           row[-1][:, None].astype(out.dtype), pos + s, cross, seg,
+                                           native)
                     kind = "velocity" if s == 2 else "time" if s == 3 else "pedal"
                     row.append(pick(x, kind, j, s, 5000 if s == 3 else 128))
                 row = jnp.stack([r.astype(out.dtype) for r in row], axis=1)

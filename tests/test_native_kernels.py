@@ -39,6 +39,51 @@ def test_matvec_keeps_leading_axes():
                                np.broadcast_to(np.asarray(w).sum(1), (2, 3, 5)))
 
 
+def reference_attention(q, keys, values, mask, scale, cap):
+    """float64 numpy: softmax over the visible positions (-finfo.min where masked, so a row that
+    sees nothing is uniform, as in XLA), then the weighted values."""
+    b, t, h, d = q.shape
+    kv = keys.shape[0] // b
+    g, s = h // kv, keys.shape[-1]
+    k = keys.reshape(b, kv, d, s).astype(np.float64)
+    v = values.reshape(b, kv, s, d).astype(np.float64)
+    out = np.zeros(q.shape)
+    for bi in range(b):
+        for ti in range(t):
+            for hi in range(h):
+                x = scale * (q[bi, ti, hi].astype(np.float64) @ k[bi, hi // g])
+                if cap:
+                    x = cap * np.tanh(x / cap)
+                x = np.where(mask[bi, ti], x, np.finfo(np.float32).min)
+                p = np.exp(x - x.max())
+                out[bi, ti, hi] = (p / p.sum()) @ v[bi, hi // g]
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,t,h,kv,d,s,cap", [(1, 1, 8, 4, 128, 3072, 50.0),
+                                              (1, 2, 8, 4, 128, 1030, 50.0),
+                                              (3, 2, 4, 2, 16, 45, None),
+                                              (2, 1, 4, 4, 32, 8, 5.0)])
+def test_attend_matches_numpy(b, t, h, kv, d, s, cap):
+    import jax
+
+    rng = np.random.default_rng(s)
+    q = rng.standard_normal((b, t, h, d)).astype(np.float32)
+    keys = rng.standard_normal((b * kv, d, s)).astype(np.float32)
+    values = rng.standard_normal((b * kv, s, d)).astype(np.float32)
+    pos = rng.integers(0, s, size=(b, 1)) + np.arange(t)  # causal: sees 0..pos
+    mask = np.arange(s)[None, None] <= np.minimum(pos, s - 1)[..., None]
+    mask[-1, 0, :] = rng.random(s) < 0.5 if b > 1 else mask[-1, 0]  # scattered holes
+    if b > 2:
+        mask[1, 0, :] = False  # sees nothing: uniform, as XLA's softmax over finfo.min
+    scale = 1.0 / np.sqrt(d)
+    got = np.asarray(jax.jit(native_kernels.attend, static_argnums=(4, 5))(
+        q, keys, values, mask, scale, cap))
+    np.testing.assert_allclose(got, reference_attention(q, keys, values, mask, scale, cap),
+                               rtol=2e-4, atol=2e-5)
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("PIANIST_JAX_NATIVE", "0")
     assert native_kernels.load() == (False, "disabled by PIANIST_JAX_NATIVE=0")
