@@ -12,11 +12,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -189,20 +189,10 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   float* op = out->typed_data();
   const int64_t pairs = sh.B * sh.KV;
   const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, pairs);
-  std::atomic<int64_t> pending{0};
-  auto work = [=](int64_t t) {
+  run_parts(pool, threads, [&](int64_t t) {
     for (int64_t p = t; p < pairs; p += threads)
       one_pair(sh, p / sh.KV, p % sh.KV, qp, kp, vp, mp, op, scale, cap);
-  };
-  for (int64_t t = 1; t < threads; ++t) {
-    pending.fetch_add(1, std::memory_order_relaxed);
-    pool.Schedule([=, &pending] {
-      work(t);
-      pending.fetch_sub(1, std::memory_order_release);
-    });
-  }
-  work(0);
-  while (pending.load(std::memory_order_acquire) > 0) _mm_pause();
+  });
   return ffi::Error::Success();
 }
 

@@ -10,9 +10,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -88,17 +88,9 @@ ffi::Error MatVecT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, 16);
   if (O * I < (int64_t{1} << 16)) threads = 1;  // too small to be worth a hand-off
   const int64_t chunk = ((O + threads - 1) / threads + 7) / 8 * 8;
-  std::atomic<int64_t> pending{0};
-  for (int64_t t = 1; t < threads && t * chunk < O; ++t) {
-    const int64_t a = t * chunk, b = std::min(O, a + chunk);
-    pending.fetch_add(1, std::memory_order_relaxed);
-    pool.Schedule([=, &pending] {
-      all_groups(xp, wp, yp, M, I, O, a, b);
-      pending.fetch_sub(1, std::memory_order_release);
-    });
-  }
-  all_groups(xp, wp, yp, M, I, O, 0, std::min(O, chunk));
-  while (pending.load(std::memory_order_acquire) > 0) _mm_pause();
+  run_parts(pool, (O + chunk - 1) / chunk, [&](int64_t t) {
+    all_groups(xp, wp, yp, M, I, O, t * chunk, std::min(O, (t + 1) * chunk));
+  });
   return ffi::Error::Success();
 }
 
