@@ -74,7 +74,8 @@ def test_attend_matches_numpy(b, t, h, kv, d, s, cap):
     values = rng.standard_normal((b * kv, s, d)).astype(np.float32)
     pos = rng.integers(0, s, size=(b, 1)) + np.arange(t)  # causal: sees 0..pos
     mask = np.arange(s)[None, None] <= np.minimum(pos, s - 1)[..., None]
-    mask[-1, 0, :] = rng.random(s) < 0.5 if b > 1 else mask[-1, 0]  # scattered holes
+    if b > 1:
+        mask[-1, 0, :] = rng.random(s) < 0.5  # scattered holes
     if b > 2:
         mask[1, 0, :] = False  # sees nothing: uniform, as XLA's softmax over finfo.min
     scale = 1.0 / np.sqrt(d)
