@@ -3,11 +3,13 @@
 Why: decoding multiplies 1-16 rows (batch x tokens per step) by every decoder matrix and
 attends over a growing cache; XLA:CPU's kernels for 2-8 rows and its batched attention
 products run at about half the speed of streaming the data. ``native/matvec.cc`` (AVX2 + FMA,
-float32, matrices stored ``[out, in]``) measured, on the 2-core dev machine, 0.80 vs 1.50 ms
-for 2 rows and 1.19 vs 1.82 ms for 8 rows of a 768 x 6144 matrix (the same as XLA for one
-row); ``native/attend.cc`` reads each kv head's keys and values once, only up to the last
-visible position. Rendering base in float32 at batch 1: 5.68 -> 3.89 ms per decoder step
-(`bench/render_bench.py` prints notes/s).
+matrices stored ``[out, in]``, float32 or bfloat16) measured, on the 2-core dev machine, 0.80
+vs 1.50 ms for 2 rows and 1.19 vs 1.82 ms for 8 rows of a float32 768 x 6144 matrix (the same
+as XLA for one row); ``native/attend.cc`` reads each kv head's keys and values once, in memory
+order, only up to the last visible position (batch 8, 2,100 visible positions: 3.2 vs 6.1 ms
+in float32, 2.0 ms with a bfloat16 cache). Both take bfloat16 storage (weights, caches) and
+widen it to float32 on the fly, so a bfloat16 model reads half the bytes and still computes
+in float32. `bench/render_bench.py` prints the resulting notes/s.
 
 It is compiled on first use with the system C++ compiler (``$CXX``, else ``c++`` / ``g++``)
 against the XLA FFI headers that ship with jaxlib, into ``~/.cache/pianist-jax/native`` under a
@@ -120,8 +122,8 @@ def load() -> tuple[bool, str]:
 
 
 def matvec_t(x, w):
-    """``x [..., I] . w[O, I]^T -> [..., O]`` (float32, ``I % 8 == 0``) via the kernel; call
-    only after `load` returned True."""
+    """``x [..., I] . w[O, I]^T -> [..., O]`` (``x`` float32, ``w`` float32 or bfloat16,
+    ``I % 8 == 0``) via the kernel, in float32; call only after `load` returned True."""
     import jax
 
     rows = 1
@@ -133,10 +135,11 @@ def matvec_t(x, w):
 
 
 def attend(q, keys, values, mask, scale: float, cap: float | None):
-    """Grouped-query attention of ``q [B, T, H, D]`` over ``keys [B*K, D, S]``, ``values
-    [B*K, S, D]`` where ``mask [B, T, S]`` (bool) is true, logits soft-capped at ``cap``
-    (None: not capped) -> ``[B, T, H, D]`` (float32, ``D % 16 == 0``); the kernel reads only
-    up to the last visible position. Call only after `load` returned True."""
+    """Grouped-query attention of ``q [B, T, H, D]`` (float32) over ``keys`` and ``values``
+    ``[B*K, S, D]`` (both float32, or both bfloat16 or its bits as uint16) where ``mask [B, T, S]`` (bool) is true,
+    logits soft-capped at ``cap`` (None: not capped) -> ``[B, T, H, D]`` float32 (``D % 16
+    == 0``, ``D <= 256``); the kernel reads only up to the last visible position. Call only
+    after `load` returned True."""
     import jax
     import numpy as np
 

@@ -91,20 +91,26 @@ class Renderer:
             cfg, params, _ = export.read_export(model_dir)
         except (export.ExportError, OSError, ValueError, TypeError) as err:
             raise RenderError(f"{model_dir}: cannot load the model: {err}") from err
-        cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+        if dtype not in ("float32", "bfloat16"):
+            raise RenderError(f"dtype must be float32 or bfloat16, not {dtype!r}")
+        self.device = jax.devices()[0]
+        self.sharding = jax.sharding.SingleDeviceSharding(self.device)
+        # the native CPU kernels (None: when they can be built; see native_kernels.py)
+        self.native, self.native_note = False, "CPU only"
+        if native is not False and self.device.platform == "cpu":
+            self.native, self.native_note = native_kernels.load()
+        if native and not self.native:
+            raise RenderError(f"native kernel requested but unavailable: {self.native_note}")
+        # bfloat16 on the native kernels: parameters and caches stored in bfloat16 (half the
+        # bytes per step), arithmetic in float32; elsewhere bfloat16 is the compute dtype too
+        compute = "float32" if self.native else dtype
+        self.cache_dtype = dtype
+        cfg = dataclasses.replace(cfg, dtype=compute, param_dtype=dtype)
         bad = export.shape_mismatches(params, cfg)
         if bad:
             raise RenderError(f"{model_dir}: parameters do not match model.yaml: {bad[:4]}")
         abstract = nnx.eval_shape(lambda: PianistTransformer(cfg, rngs=nnx.Rngs(0)))
         self.graphdef, state = nnx.split(abstract)
-        self.device = jax.devices()[0]
-        self.sharding = jax.sharding.SingleDeviceSharding(self.device)
-        # the native CPU kernel (None: when it can be built; see pianist_jax/native_kernels.py)
-        self.native, self.native_note = False, "float32 on CPU only"
-        if native is not False and self.device.platform == "cpu" and dtype == "float32":
-            self.native, self.native_note = native_kernels.load()
-        if native and not self.native:
-            raise RenderError(f"native kernel requested but unavailable: {self.native_note}")
         cast = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
         nnx.replace_by_pure_dict(state, cast)
         self.params = jax.device_put(state, self.sharding)
@@ -125,7 +131,8 @@ class Renderer:
             t0 = time.perf_counter()
             s = self.sharding
             fn = jax.jit(render_core.make_window_fn(self.graphdef, notes, prime,
-                                                    native=self.native),
+                                                    native=self.native,
+                                                    cache_dtype=self.cache_dtype),
                          in_shardings=(s,) * 8, out_shardings=s)
             i32, f32 = jnp.int32, jnp.float32
             spec = jax.ShapeDtypeStruct

@@ -66,25 +66,42 @@ MAX_NATIVE_ROWS = 16  # the native kernel re-reads the matrix once per 8 rows
 
 def _mv(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
     """``x [..., I]`` times ``w`` -> ``[..., O]``: ``w [I, O]`` for `IN_OUT`, else ``[O, I]``,
-    through `pianist_jax.native_kernels` for `NATIVE` where it applies (float32, I % 8 == 0,
-    at most `MAX_NATIVE_ROWS` rows)."""
+    through `pianist_jax.native_kernels` for `NATIVE` where it applies (``x`` float32, ``w``
+    float32 or bfloat16, I % 8 == 0, at most `MAX_NATIVE_ROWS` rows)."""
     rows = math.prod(x.shape[:-1])
-    if (layout == NATIVE and x.dtype == w.dtype == jnp.float32 and x.shape[-1] % 8 == 0
-            and rows <= MAX_NATIVE_ROWS):
+    if (layout == NATIVE and x.dtype == jnp.float32 and w.dtype in (jnp.float32, jnp.bfloat16)
+            and x.shape[-1] % 8 == 0 and rows <= MAX_NATIVE_ROWS):
         return native_kernels.matvec_t(x, w)
+    w = w.astype(x.dtype)  # a no-op unless bfloat16 weights meet float32 rows off the kernel
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0 if layout == IN_OUT else 1,)), ((), ())))
+
+
+def _to_cache(x: jax.Array, cache: jax.Array) -> jax.Array:
+    """``x`` in the cache's storage: bfloat16 caches of the native path are kept as their bits
+    (uint16), because XLA:CPU widens a bfloat16 buffer to float32 around every in-place
+    update (it copied the whole cache at every step: 2 ms of 9 at batch 8)."""
+    if cache.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(cache.dtype)
+
+
+def native_attention(cfg, native: bool) -> bool:
+    """Whether the decode loop attends through the native kernel (it needs D % 16 == 0 and
+    D <= 256); this also fixes the layout of the keys in the caches (see `_attend`)."""
+    return native and cfg.head_dim % 16 == 0 and cfg.head_dim <= 256
 
 
 def _attend(attn, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
             o: jax.Array, layout: str, native: bool = False) -> jax.Array:
-    """Softmax attention of ``q [B, T, H, D]`` over ``keys [B*K, D, S]``, ``values
-    [B*K, S, D]`` where ``mask [B|1, T, S]`` is true, then the output projection ``o``
-    (``[H*D, hidden]``, or ``[hidden, H*D]``: see `_mv`); through the native kernel when
-    ``native`` (float32, D % 16 == 0).
+    """Softmax attention of ``q [B, T, H, D]`` over ``keys [B*K, D, S]`` (``[B*K, S, D]``
+    when ``native``), ``values [B*K, S, D]`` where ``mask [B|1, T, S]`` is true, then the
+    output projection ``o`` (``[H*D, hidden]``, or ``[hidden, H*D]``: see `_mv`).
+    ``native`` (see `native_attention`): through the native kernel, which reads keys and
+    values in memory order (float32 ``q``; float32 or bfloat16 caches).
     Batch and kv-head axes are merged in the caches so every attention product has one batch
     axis: XLA then reads the caches in place (with ``[B, K, ...]`` it re-laid them out)."""
     b, t, n, d = q.shape
-    if native and q.dtype == keys.dtype == values.dtype == jnp.float32 and d % 16 == 0:
+    if native:
         out = native_kernels.attend(q, keys, values,
                                     jnp.broadcast_to(mask, (b, t, mask.shape[-1])),
                                     float(attn.scale), attn.logit_cap)
@@ -107,8 +124,9 @@ def fuse_weights(model, rows: int, native: bool = False) -> tuple[list[dict], st
     loop): the q/k/v projections as one ``[H, (n + 2k) * D]`` matrix and the MLP gate/up as
     one ``[H, 2F]`` matrix, so one matrix-vector product instead of three / two per step
     (decoding is memory-bound: fewer, larger reads). All transposed to ``[out, in]``, unless
-    ``rows`` is 1 and they add up to at most `CACHED_BYTES`; ``[out, in]`` matrices go
-    through the native kernel when ``native``. Returns (matrices, layout for `_mv`)."""
+    ``rows`` is 1 and they add up to at most `CACHED_BYTES` (float32 only: XLA would widen
+    bfloat16 matrices at every step); ``[out, in]`` matrices go through the native kernel
+    when ``native``. Returns (matrices, layout for `_mv`)."""
     fused = []
     for layer in model.decoder.layers:
         a, c, mlp = layer.self_attn, layer.cross_attn, layer.mlp
@@ -122,7 +140,8 @@ def fuse_weights(model, rows: int, native: bool = False) -> tuple[list[dict], st
             "gate_up": jnp.concatenate([mlp.gate_proj[...], mlp.up_proj[...]], axis=1),
             "down": mlp.down_proj[...]})
     size = sum(w.size * w.dtype.itemsize for f in fused for w in f.values())
-    transposed = rows > 1 or size > CACHED_BYTES
+    narrow = any(w.dtype != jnp.float32 for f in fused for w in f.values())
+    transposed = rows > 1 or size > CACHED_BYTES or (native and narrow)
     if transposed:
         fused = [{k: w.T for k, w in f.items()} for f in fused]
     return fused, (NATIVE if native else OUT_IN) if transposed else IN_OUT
@@ -130,7 +149,8 @@ def fuse_weights(model, rows: int, native: bool = False) -> tuple[list[dict], st
 
 def _decoder_step(model, fused, layout, ids, pos0, cross, cache, native=False):
     """Run the decoder on ``ids [B, T]`` at positions ``pos0 ..``; writes their keys/values into
-    ``cache`` (list per layer of ``(keys [B*K, D, S], values [B*K, S, D])``, position 0 first).
+    ``cache`` (list per layer of ``(keys [B*K, D, S], values [B*K, S, D])``, position 0 first;
+    keys ``[B*K, S, D]`` when ``native``: see `native_attention`).
     Returns the final hidden state of the last token ``[B, H]`` and the updated cache."""
     dec, cfg = model.decoder, model.cfg
     b, t = ids.shape
@@ -150,10 +170,14 @@ def _decoder_step(model, fused, layout, ids, pos0, cross, cache, native=False):
         k = apply_rope(qkv[..., n * d:(n + kv) * d].reshape(b, t, kv, d), positions, attn.theta)
         v = qkv[..., (n + kv) * d:].reshape(b, t, kv, d)
         ck, cv = cache[i]
-        ck = jax.lax.dynamic_update_slice_in_dim(
-            ck, k.transpose(0, 2, 3, 1).reshape(b * kv, d, t).astype(ck.dtype), pos0, 2)
+        if native:  # keys [B*K, S, D], like the values
+            ck = jax.lax.dynamic_update_slice_in_dim(
+                ck, _to_cache(k.transpose(0, 2, 1, 3).reshape(b * kv, t, d), ck), pos0, 1)
+        else:
+            ck = jax.lax.dynamic_update_slice_in_dim(
+                ck, k.transpose(0, 2, 3, 1).reshape(b * kv, d, t).astype(ck.dtype), pos0, 2)
         cv = jax.lax.dynamic_update_slice_in_dim(
-            cv, v.transpose(0, 2, 1, 3).reshape(b * kv, t, d).astype(cv.dtype), pos0, 1)
+            cv, _to_cache(v.transpose(0, 2, 1, 3).reshape(b * kv, t, d), cv), pos0, 1)
         new_cache.append((ck, cv))
         if i == len(dec.layers) - 1 and t > 1:  # only the last token's output is used
             q, x, q_pos = q[:, -1:], x[:, -1:], q_pos[-1:]
@@ -237,7 +261,8 @@ def _uniforms(row_keys: jax.Array, first_note: jax.Array, notes: int) -> jax.Arr
 
 
 def make_window_fn(model_graphdef, notes: int, prime_notes: int,
-                   segment_notes: int = SEGMENT_NOTES, native: bool = False) -> Callable:
+                   segment_notes: int = SEGMENT_NOTES, native: bool = False,
+                   cache_dtype=None) -> Callable:
     """Pure function rendering one window of ``notes`` notes whose first ``prime_notes`` are
     given (the previous window's output); `pianist_jax.render.Renderer` jits and compiles it.
 
@@ -246,8 +271,11 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
     in the window), ``row_keys [B, 2]`` (uint32 PRNG keys), ``first_note [B]`` (global index of
     the window's first note, for the sampling keys), ``temperature [B]``, ``top_p [B]``.
     Returns ``[B, 8*notes]`` tokens: the prime, then the rendered notes (pitch = score).
-    ``native``: the ``[out, in]`` decoder products use `pianist_jax.native_kernels` (CPU; the
-    caller has loaded it).
+    ``native``: the ``[out, in]`` decoder products, the output logits and the attention steps
+    use `pianist_jax.native_kernels` (CPU; the caller has loaded it; the model computes in
+    float32, its parameters may be bfloat16). ``cache_dtype``: the self- and cross-attention
+    caches' dtype (default: the model's compute dtype); bfloat16 halves the bytes each step
+    reads.
     """
     if notes % segment_notes and notes > segment_notes:
         raise ValueError(f"window of {notes} notes is not a multiple of {segment_notes}")
@@ -259,36 +287,49 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
     def window_fn(params, enc_ids, prime, n_notes, row_keys, first_note, temperature, top_p):
         model = nnx.merge(model_graphdef, params)
         cfg, dtype = model.cfg, model.cfg.dtype
+        if native and jnp.dtype(dtype) != jnp.float32:
+            raise ValueError("the native kernels need a float32 compute dtype (parameters "
+                             "and caches may be bfloat16)")
         b = enc_ids.shape[0]
+        kv_dtype = jnp.dtype(cache_dtype or dtype)
+        sd_keys = native_attention(cfg, native)  # keys [B*K, S, D] (else [B*K, D, S])
+        # the caches' storage (a scalar of that dtype): bfloat16 as uint16 bits for the kernel
+        storage = jnp.zeros((), jnp.uint16 if sd_keys and kv_dtype == jnp.bfloat16 else kv_dtype)
         states, enc_mask = model.encode(enc_ids)
         cross = []
         for layer in model.decoder.layers:
             k, v = layer.cross_attn.keys_values(states, None)  # [B, N, K, D]
             kv, d = k.shape[2], k.shape[3]
-            cross.append((k.transpose(0, 2, 3, 1).reshape(b * kv, d, -1),
-                          v.transpose(0, 2, 1, 3).reshape(b * kv, -1, d), enc_mask[:, None]))
+            k = (k.transpose(0, 2, 1, 3).reshape(b * kv, -1, d) if sd_keys
+                 else k.transpose(0, 2, 3, 1).reshape(b * kv, d, -1))
+            cross.append((_to_cache(k, storage),
+                          _to_cache(v.transpose(0, 2, 1, 3).reshape(b * kv, -1, d), storage),
+                          enc_mask[:, None]))
         fused, layout = fuse_weights(model, b, native)
         table = model.decoder.embed_tokens[...]
-        out_tables = {  # [H, n]: the valid rows of each slot kind
-            "time": table[TIME_START:TIME_START + 5000].T,  # IOI and duration
-            "velocity": table[VELOCITY_START:VELOCITY_START + 128].T,
-            "pedal": table[PEDAL_START:PEDAL_START + 128].T}
+        out_tables = {  # the valid rows of each slot kind: [n, H] for the kernel, else [H, n]
+            "time": table[TIME_START:TIME_START + 5000],  # IOI and duration
+            "velocity": table[VELOCITY_START:VELOCITY_START + 128],
+            "pedal": table[PEDAL_START:PEDAL_START + 128]}
+        if not native:
+            out_tables = {k: t.T for k, t in out_tables.items()}
         offsets = {"time": TIME_START, "velocity": VELOCITY_START, "pedal": PEDAL_START}
 
         uniforms = _uniforms(row_keys, first_note, notes)  # [B, notes, 8], drawn up front
 
         def pick(x, kind: str, note_index, slot: int, n_valid: int):
             """Sample one slot's id from the final hidden state ``x [B, H]``."""
-            logits = softcap(jnp.einsum("bh,hn->bn", x, out_tables[kind],
-                                        preferred_element_type=jnp.float32),
-                             cfg.final_logit_softcap)
+            logits = (_mv(x, out_tables[kind], NATIVE) if native else
+                      jnp.einsum("bh,hn->bn", x, out_tables[kind],
+                                 preferred_element_type=jnp.float32))
+            logits = softcap(logits, cfg.final_logit_softcap)
             if n_valid < logits.shape[-1]:  # IOI: the time ids past 4990 ms are not valid
                 logits = jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, -jnp.inf)
             u = jax.lax.dynamic_index_in_dim(uniforms, note_index, 1, False)[:, slot]
             return sample(logits, u, temperature, top_p) + offsets[kind]
 
         prime_len = prime_notes * TOKENS_PER_NOTE
-        cache = model.init_cache(states, tokens, dtype)
+        cache = model.init_cache(states, tokens, kv_dtype)
         if prime_notes:  # BOS + the prime except its last token (it goes in with the next pitch)
             ids = jnp.concatenate([jnp.full((b, 1), BOS, prime.dtype), prime[:, :-1]], axis=1)
             _, cache = model.decode(ids, None, enc_mask, cache, vocab_slice=(0, 1),
@@ -296,9 +337,14 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             last = prime[:, -1]
         else:
             last = jnp.full((b,), BOS, enc_ids.dtype)
-        full = [(c["k"].transpose(0, 2, 3, 1).reshape(-1, c["k"].shape[3], tokens),
-                 c["v"].transpose(0, 2, 1, 3).reshape(-1, tokens, c["v"].shape[3]))
-                for c in cache["layers"]]  # keys [B*K, D, S], values [B*K, S, D]
+        key_axis = 1 if sd_keys else 2  # the keys' position axis
+        full = [(_to_cache(c["k"].transpose(0, 2, 1, 3).reshape(-1, tokens, c["k"].shape[3])
+                           if sd_keys else
+                           c["k"].transpose(0, 2, 3, 1).reshape(-1, c["k"].shape[3], tokens),
+                           storage),
+                 _to_cache(c["v"].transpose(0, 2, 1, 3).reshape(-1, tokens, c["v"].shape[3]),
+                           storage))
+                for c in cache["layers"]]  # keys [B*K, D, S] or [B*K, S, D], values [B*K, S, D]
         pitch = enc_ids.reshape(b, notes, TOKENS_PER_NOTE)[:, :, 0]
         out = jnp.zeros((b, notes, TOKENS_PER_NOTE), enc_ids.dtype)
         if prime_notes:
@@ -310,19 +356,20 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             if hi_note <= prime_notes:
                 continue
             seen = (m + 1) * chunk  # the tokens this segment's notes can attend to
-            seg = [(k[..., :seen], v[:, :seen]) for k, v in full]
+            seg = [(jax.lax.slice_in_dim(k, 0, seen, axis=key_axis), v[:, :seen])
+                   for k, v in full]
 
             def note_step(carry):
                 j, seg, last, out = carry
                 pos = j * TOKENS_PER_NOTE
                 x, seg = _decoder_step(model, fused, layout,
                                        jnp.stack([last, pitch[:, j]], axis=1), pos, cross, seg,
-                                       native)
+                                       sd_keys)
                 row = [pitch[:, j], pick(x, "time", j, 1, MAX_IOI_MS + 1)]
                 for s in range(2, TOKENS_PER_NOTE):  # velocity, duration, pedal 1-4
                     x, seg = _decoder_step(model, fused, layout,
                                            row[-1][:, None].astype(out.dtype), pos + s, cross, seg,
-                                           native)
+                                           sd_keys)
                     kind = "velocity" if s == 2 else "time" if s == 3 else "pedal"
                     row.append(pick(x, kind, j, s, 5000 if s == 3 else 128))
                 row = jnp.stack([r.astype(out.dtype) for r in row], axis=1)
@@ -333,7 +380,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             stop = jnp.minimum(hi_note, n_max)
             _, seg, last, out = jax.lax.while_loop(lambda c, stop=stop: c[0] < stop, note_step,
                                                    (jnp.int32(start), seg, last, out))
-            full = [(jax.lax.dynamic_update_slice_in_dim(fk, sk, 0, 2),
+            full = [(jax.lax.dynamic_update_slice_in_dim(fk, sk, 0, key_axis),
                      jax.lax.dynamic_update_slice_in_dim(fv, sv, 0, 1))
                     for (fk, fv), (sk, sv) in zip(full, seg)]
         return out.reshape(b, tokens)

@@ -1,5 +1,6 @@
-"""The native CPU kernel (pianist_jax.native_kernels): exact enough products for every row count
-the renderer uses, a clean fallback when it is disabled, and the same tokens in the renderer."""
+"""The native CPU kernels (pianist_jax.native_kernels): exact enough products for every row
+count the renderer uses, float32 and bfloat16 storage, a clean fallback when they are disabled,
+and the same tokens in the renderer."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,18 +12,27 @@ USABLE, WHY = native_kernels.load()
 needs_kernel = pytest.mark.skipif(not USABLE, reason=f"native kernel unavailable: {WHY}")
 
 
+def as_stored(a: np.ndarray, dtype: str):
+    """``a`` in the storage dtype the kernel gets, and its exact float64 values."""
+    import jax.numpy as jnp
+
+    stored = jnp.asarray(a, dtype)
+    return stored, np.asarray(stored.astype(jnp.float32), np.float64)
+
+
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 11, 16])
 @pytest.mark.parametrize("out_in", [(13, 8), (40, 24), (300, 768)])
-def test_matvec_matches_numpy(rows, out_in):
+def test_matvec_matches_numpy(rows, out_in, dtype):
     import jax
 
     o, i = out_in
     rng = np.random.default_rng(rows * 1000 + o)
     x = rng.standard_normal((rows, i)).astype(np.float32)
-    w = rng.standard_normal((o, i)).astype(np.float32)
+    w, w64 = as_stored(rng.standard_normal((o, i)), dtype)
     got = np.asarray(jax.jit(native_kernels.matvec_t)(x, w))
-    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    want = x.astype(np.float64) @ w64.T
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(i))
     # a row's result does not depend on the other rows (batch-invariant rendering)
     alone = np.asarray(jax.jit(native_kernels.matvec_t)(x[-1:], w))
@@ -44,8 +54,8 @@ def reference_attention(q, keys, values, mask, scale, cap):
     sees nothing is uniform, as in XLA), then the weighted values."""
     b, t, h, d = q.shape
     kv = keys.shape[0] // b
-    g, s = h // kv, keys.shape[-1]
-    k = keys.reshape(b, kv, d, s).astype(np.float64)
+    g, s = h // kv, keys.shape[1]
+    k = keys.reshape(b, kv, s, d).transpose(0, 1, 3, 2).astype(np.float64)
     v = values.reshape(b, kv, s, d).astype(np.float64)
     out = np.zeros(q.shape)
     for bi in range(b):
@@ -61,17 +71,20 @@ def reference_attention(q, keys, values, mask, scale, cap):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("b,t,h,kv,d,s,cap", [(1, 1, 8, 4, 128, 3072, 50.0),
                                               (1, 2, 8, 4, 128, 1030, 50.0),
+                                              (8, 1, 8, 4, 128, 700, 50.0),
                                               (3, 2, 4, 2, 16, 45, None),
-                                              (2, 1, 4, 4, 32, 8, 5.0)])
-def test_attend_matches_numpy(b, t, h, kv, d, s, cap):
+                                              (2, 1, 4, 4, 32, 8, 5.0),
+                                              (2, 2, 6, 2, 16, 3, None)])
+def test_attend_matches_numpy(b, t, h, kv, d, s, cap, dtype):
     import jax
 
     rng = np.random.default_rng(s)
     q = rng.standard_normal((b, t, h, d)).astype(np.float32)
-    keys = rng.standard_normal((b * kv, d, s)).astype(np.float32)
-    values = rng.standard_normal((b * kv, s, d)).astype(np.float32)
+    keys, keys64 = as_stored(rng.standard_normal((b * kv, s, d)), dtype)
+    values, values64 = as_stored(rng.standard_normal((b * kv, s, d)), dtype)
     pos = rng.integers(0, s, size=(b, 1)) + np.arange(t)  # causal: sees 0..pos
     mask = np.arange(s)[None, None] <= np.minimum(pos, s - 1)[..., None]
     if b > 1:
@@ -81,7 +94,7 @@ def test_attend_matches_numpy(b, t, h, kv, d, s, cap):
     scale = 1.0 / np.sqrt(d)
     got = np.asarray(jax.jit(native_kernels.attend, static_argnums=(4, 5))(
         q, keys, values, mask, scale, cap))
-    np.testing.assert_allclose(got, reference_attention(q, keys, values, mask, scale, cap),
+    np.testing.assert_allclose(got, reference_attention(q, keys64, values64, mask, scale, cap),
                                rtol=2e-4, atol=2e-5)
 
 
@@ -95,29 +108,36 @@ def test_cpu_check_names_a_reason():
     assert ok or why  # never an unexplained "no"
 
 
-@needs_kernel
-def test_renderer_same_tokens_with_and_without_kernel(tmp_path):
-    """A tiny model renders a batch of two scores to the same tokens, greedy and sampled,
-    with the kernel (its matrices: 64 x 128 etc., I % 8 == 0) and with XLA's products."""
+def tiny_scores(tmp_path, sizes: list[int]) -> list[np.ndarray]:
+    """Export a tiny random model to ``tmp_path / "tiny"``; score ids of len(sizes) pieces."""
     from flax import nnx
 
     from pianist_jax import export, midi, tokenizer
     from pianist_jax.config import load_config
     from pianist_jax.model import PianistTransformer
-    from pianist_jax.render import Renderer
 
     cfg = load_config(None, ["model=tiny"]).model
     model = PianistTransformer(cfg, rngs=nnx.Rngs(3))
     export.write_export(tmp_path / "tiny", nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg)
     scores = []
-    for seed in (0, 1):
+    for seed, n in enumerate(sizes):
         rng = np.random.default_rng(seed)
-        onset = np.cumsum(rng.choice([0, 125, 250], size=40))
-        notes = midi.Notes(onset=onset, offset=onset + 200, pitch=rng.integers(40, 90, size=40),
-                           velocity=np.full(40, 64), pedal_ms=np.array([0]),
+        onset = np.cumsum(rng.choice([0, 125, 250], size=n))
+        notes = midi.Notes(onset=onset, offset=onset + 200, pitch=rng.integers(40, 90, size=n),
+                           velocity=np.full(n, 64), pedal_ms=np.array([0]),
                            pedal_value=np.array([127]))
         midi.write_midi(notes, tmp_path / f"s{seed}.mid")
         scores.append(tokenizer.encode_file(tmp_path / f"s{seed}.mid"))
+    return scores
+
+
+@needs_kernel
+def test_renderer_same_tokens_with_and_without_kernel(tmp_path):
+    """A tiny model renders a batch of two scores to the same tokens, greedy and sampled,
+    with the kernel (its matrices: 64 x 128 etc., I % 8 == 0) and with XLA's products."""
+    from pianist_jax.render import Renderer
+
+    scores = tiny_scores(tmp_path, [40, 40])
     outs = {}
     for native in (True, False):
         r = Renderer(tmp_path / "tiny", native=native, window=128, shift=64)
@@ -126,3 +146,32 @@ def test_renderer_same_tokens_with_and_without_kernel(tmp_path):
     for a, b in zip(outs[True], outs[False]):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
+
+
+@needs_kernel
+def test_bfloat16_renderer_on_the_kernels(tmp_path):
+    """bfloat16 on the kernels stores parameters and caches in bfloat16 and computes in
+    float32: the score's pitches in order, every slot in its range, the same tokens for the
+    same seed, a batch equal to its rows rendered one by one (2 windows of 128 notes)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pianist_jax.render import Renderer
+    from pianist_jax.tokenizer import SLOT_RANGES
+
+    scores = tiny_scores(tmp_path, [150, 60])
+    r = Renderer(tmp_path / "tiny", dtype="bfloat16", native=True, window=128, shift=64)
+    assert r.cfg.dtype == "float32" and r.cache_dtype == "bfloat16"
+    assert {a.dtype for a in jax.tree.leaves(r.params)} == {jnp.dtype(jnp.bfloat16)}
+    batch = r.render_ids(scores, [4, 5])
+    assert [len(x) for x in batch] == [len(x) for x in scores]
+    for got, score in zip(batch, scores):
+        notes = got.reshape(-1, 8)
+        np.testing.assert_array_equal(notes[:, 0], score.reshape(-1, 8)[:, 0])
+        for s, (lo, hi) in enumerate(SLOT_RANGES):
+            assert ((notes[:, s] >= lo) & (notes[:, s] < hi)).all()
+    again = r.render_ids(scores, [4, 5])
+    for a, b in zip(batch, again):
+        np.testing.assert_array_equal(a, b)
+    for i, (score, seed) in enumerate(zip(scores, [4, 5])):
+        np.testing.assert_array_equal(r.render_ids([score], [seed])[0], batch[i])

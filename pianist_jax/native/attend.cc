@@ -1,14 +1,18 @@
-// pianist-jax native CPU kernel: one decoding step of grouped-query attention, float32 AVX2.
+// pianist-jax native CPU kernel: one decoding step of grouped-query attention (AVX2 + FMA).
 //
 //   out[B, T, H, D] = softmax_s(mask ? cap * tanh(scale * q . k_s / cap) : -FLT_MAX) . v_s
-//   q [B, T, H, D], keys [B*KV, D, S], values [B*KV, S, D], mask [B, T, S] (bool)
+//   q [B, T, H, D] float32, keys and values [B*KV, S, D] float32 or bfloat16 (both the same;
+//   uint16 is read as bfloat16 bits), mask [B, T, S] (bool); all arithmetic in float32.
 //
-// Why: XLA:CPU's batched attention products read the caches at about half the speed of
-// streaming them, and read the whole buffer although causal decoding only sees the positions
-// up to the current one. This kernel stops at the last position any query may see, streams
-// each (batch, kv head)'s keys and values once for all its g * T queries, and splits the
-// (batch, kv head) pairs over XLA's intra-op thread pool. Needs D % 16 == 0 (the caller
-// checks). A fully masked row attends uniformly, as XLA's softmax over -FLT_MAX does.
+// Why: decoding reads the whole visible cache at every step, so this is a streaming problem.
+// XLA:CPU's batched attention products read the caches at about half the speed of streaming
+// them, and read the whole buffer although causal decoding only sees the positions up to the
+// current one. This kernel stops at the last position any query may see, reads each (batch,
+// kv head)'s keys and values once, in memory order, for all its g * T queries, prefetches
+// kAhead positions ahead (the hardware prefetcher stops at 4 KiB pages), and splits the
+// (batch, kv head) pairs over XLA's intra-op thread pool. bfloat16 caches halve the bytes;
+// they are widened to float32 on the fly. Needs D % 16 == 0, D <= 256 (the caller checks).
+// A fully masked row attends uniformly, as XLA's softmax over -FLT_MAX does.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -22,6 +26,23 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // 8 bfloat16 -> float32: the high 16 bits
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// [sum(a[0]), ..., sum(a[7])]
+inline __m256 sum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+constexpr int64_t kAhead = 64;  // prefetch distance in positions (32 KiB of float32 rows)
 
 inline __m256 exp256(__m256 x) {  // Cephes-style exp, ~1 ulp over the float range
   x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
@@ -65,53 +86,79 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-struct Shape {
-  int64_t B, T, H, D, KV, S;
-};
+struct Shape { int64_t B, T, H, D, KV, S; };
 
 // One (batch row b, kv head kv): its g * T queries against keys/values [0, end).
-void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const float* keys,
-              const float* values, const bool* mask, float* out, float scale, float cap) {
+template <typename E>
+void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* keys,
+              const E* values, const bool* mask, float* out, float scale, float cap) {
   const int64_t g = sh.H / sh.KV, G = g * sh.T, D = sh.D, S = sh.S;
-  const float* K = keys + (b * sh.KV + kv) * D * S;
-  const float* V = values + (b * sh.KV + kv) * S * D;
+  const E* K = keys + (b * sh.KV + kv) * S * D;
+  const E* V = values + (b * sh.KV + kv) * S * D;
   const bool* mk = mask + b * sh.T * S;
-  int64_t end = 0;  // one past the last position any of these queries may see
+  int64_t end = 0;
   for (int64_t t = 0; t < sh.T; ++t)
     for (int64_t s = S - 1; s >= end; --s)
       if (mk[t * S + s]) { end = s + 1; break; }
-  std::vector<char> blind(sh.T);  // a query that sees nothing attends uniformly (as XLA does)
-  for (int64_t t = 0; t < sh.T; ++t)
+  bool any_blind = false;
+  char blind[64];
+  for (int64_t t = 0; t < sh.T; ++t) {
     blind[t] = std::none_of(mk + t * S, mk + (t + 1) * S, [](bool v) { return v; });
-  if (std::any_of(blind.begin(), blind.end(), [](char v) { return v; })) end = S;
+    any_blind |= blind[t];
+  }
+  if (any_blind) end = S;
   const int64_t end8 = (end + 7) / 8 * 8;
   thread_local std::vector<float> buf;
-  buf.assign(G * end8 + G * D, 0.0f);
-  float* L = buf.data();             // [G, end8] logits, then probabilities
-  float* acc = L + G * end8;         // [G, D] weighted values
-  std::vector<float> qs(G * D);      // the queries, scaled
+  buf.assign(G * end8 + 2 * G * D + G, 0.0f);
+  float* L = buf.data();
+  float* acc = L + G * end8;
+  float* qs = acc + G * D;
+  float* total = qs + G * D;
   for (int64_t t = 0; t < sh.T; ++t)
     for (int64_t j = 0; j < g; ++j)
       for (int64_t d = 0; d < D; ++d)
         qs[(t * g + j) * D + d] = scale * q[((b * sh.T + t) * sh.H + kv * g + j) * D + d];
-  // logits: blocks of 512 positions (G * 2 KiB stay in L1) x all D rows of the keys
-  for (int64_t s0 = 0; s0 < end; s0 += 512) {
-    const int64_t s1 = std::min(end, s0 + 512);
-    for (int64_t d = 0; d < D; ++d) {
-      const float* krow = K + d * S;
-      for (int64_t i = 0; i < G; ++i) {
-        const __m256 c = _mm256_set1_ps(qs[i * D + d]);
-        float* li = L + i * end8;
-        int64_t s = s0;
-        for (; s + 8 <= s1; s += 8)
-          _mm256_storeu_ps(li + s, _mm256_fmadd_ps(c, _mm256_loadu_ps(krow + s),
-                                                   _mm256_loadu_ps(li + s)));
-        for (; s < s1; ++s) li[s] += qs[i * D + d] * krow[s];
+  // logits: 8 positions (8 contiguous key rows) at a time, two rows per pass of a query
+  int64_t s = 0;
+  for (; s + 8 <= end; s += 8) {
+    if (s + kAhead + 8 <= end) {
+      const char* pf = reinterpret_cast<const char*>(K + (s + kAhead) * D);
+      for (int64_t off = 0; off < 8 * D * int64_t{sizeof(E)}; off += 64)
+        _mm_prefetch(pf + off, _MM_HINT_T0);
+    }
+    const float* Kf;  // the 8 rows in float32 (bfloat16 widened once, not once per query)
+    alignas(32) float kbuf[8 * 256];
+    if constexpr (sizeof(E) == 4) {
+      Kf = reinterpret_cast<const float*>(K) + s * D;
+    } else {
+      for (int64_t e = 0; e < 8 * D; e += 8) _mm256_store_ps(kbuf + e, load8(K + s * D + e));
+      Kf = kbuf;
+    }
+    for (int64_t i = 0; i < G; ++i) {
+      __m256 a[8];
+      const float* qi = qs + i * D;
+      for (int p = 0; p < 8; p += 2) {
+        __m256 b0[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 b1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t d = 0; d < D; d += 16) {
+          const __m256 q0 = _mm256_loadu_ps(qi + d), q1 = _mm256_loadu_ps(qi + d + 8);
+          b0[0] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(Kf + p * D + d), b0[0]);
+          b0[1] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(Kf + p * D + d + 8), b0[1]);
+          b1[0] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(Kf + (p + 1) * D + d), b1[0]);
+          b1[1] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(Kf + (p + 1) * D + d + 8), b1[1]);
+        }
+        a[p] = _mm256_add_ps(b0[0], b0[1]); a[p + 1] = _mm256_add_ps(b1[0], b1[1]);
       }
+      _mm256_storeu_ps(L + i * end8 + s, sum8(a));
     }
   }
-  // soft cap, mask, softmax (unnormalised; divided at the end)
-  std::vector<float> total(G);
+  for (; s < end; ++s)
+    for (int64_t i = 0; i < G; ++i) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(qs + i * D + d), load8(K + s * D + d), a);
+      L[i * end8 + s] = hsum(a);
+    }
   for (int64_t i = 0; i < G; ++i) {
     float* li = L + i * end8;
     const bool* mrow = mk + (i / g) * S;
@@ -145,53 +192,86 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const floa
     }
     total[i] = hsum(sum);
   }
-  // weighted values: 16 columns (one cache line) per pass over the rows, G <= 4 at a time
-  for (int64_t i0 = 0; i0 < G; i0 += 4) {
-    const int64_t gi = std::min<int64_t>(4, G - i0);
-    for (int64_t c = 0; c < D; c += 16) {
-      __m256 a[4][2];
-      for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
-      for (int64_t s = 0; s < end; ++s) {
-        const __m256 v0 = _mm256_loadu_ps(V + s * D + c), v1 = _mm256_loadu_ps(V + s * D + c + 8);
-        for (int64_t i = 0; i < gi; ++i) {
-          const __m256 p = _mm256_broadcast_ss(L + (i0 + i) * end8 + s);
-          a[i][0] = _mm256_fmadd_ps(p, v0, a[i][0]);
-          a[i][1] = _mm256_fmadd_ps(p, v1, a[i][1]);
+  // weighted values, in memory order: 4 value rows at a time (sequential reads), accumulated
+  // into acc [G, D] (L1) for <= 2 queries at a time
+  int64_t s4 = 0;
+  for (; s4 + 4 <= end; s4 += 4) {
+    if (s4 + kAhead + 4 <= end) {
+      const char* pf = reinterpret_cast<const char*>(V + (s4 + kAhead) * D);
+      for (int64_t off = 0; off < 4 * D * int64_t{sizeof(E)}; off += 64)
+        _mm_prefetch(pf + off, _MM_HINT_T0);
+    }
+    const E* v = V + s4 * D;
+    for (int64_t i0 = 0; i0 < G; i0 += 2) {
+      const bool two = i0 + 1 < G;
+      const float* l0 = L + i0 * end8 + s4;
+      const float* l1 = two ? l0 + end8 : l0;
+      const __m256 p00 = _mm256_broadcast_ss(l0), p01 = _mm256_broadcast_ss(l0 + 1),
+                   p02 = _mm256_broadcast_ss(l0 + 2), p03 = _mm256_broadcast_ss(l0 + 3);
+      const __m256 p10 = _mm256_broadcast_ss(l1), p11 = _mm256_broadcast_ss(l1 + 1),
+                   p12 = _mm256_broadcast_ss(l1 + 2), p13 = _mm256_broadcast_ss(l1 + 3);
+      float* a0 = acc + i0 * D;
+      float* a1 = two ? a0 + D : nullptr;
+      for (int64_t c = 0; c < D; c += 8) {
+        const __m256 v0 = load8(v + c), v1 = load8(v + D + c), v2 = load8(v + 2 * D + c),
+                     v3 = load8(v + 3 * D + c);
+        __m256 x = _mm256_loadu_ps(a0 + c);
+        x = _mm256_fmadd_ps(p00, v0, x); x = _mm256_fmadd_ps(p01, v1, x);
+        x = _mm256_fmadd_ps(p02, v2, x); x = _mm256_fmadd_ps(p03, v3, x);
+        _mm256_storeu_ps(a0 + c, x);
+        if (two) {
+          __m256 y = _mm256_loadu_ps(a1 + c);
+          y = _mm256_fmadd_ps(p10, v0, y); y = _mm256_fmadd_ps(p11, v1, y);
+          y = _mm256_fmadd_ps(p12, v2, y); y = _mm256_fmadd_ps(p13, v3, y);
+          _mm256_storeu_ps(a1 + c, y);
         }
-      }
-      for (int64_t i = 0; i < gi; ++i) {
-        const __m256 inv = _mm256_set1_ps(1.0f / total[i0 + i]);
-        _mm256_storeu_ps(acc + (i0 + i) * D + c, _mm256_mul_ps(a[i][0], inv));
-        _mm256_storeu_ps(acc + (i0 + i) * D + c + 8, _mm256_mul_ps(a[i][1], inv));
       }
     }
   }
+  for (; s4 < end; ++s4)
+    for (int64_t i = 0; i < G; ++i) {
+      const __m256 p = _mm256_broadcast_ss(L + i * end8 + s4);
+      for (int64_t c = 0; c < D; c += 8)
+        _mm256_storeu_ps(acc + i * D + c, _mm256_fmadd_ps(p, load8(V + s4 * D + c),
+                                                          _mm256_loadu_ps(acc + i * D + c)));
+    }
   for (int64_t t = 0; t < sh.T; ++t)
-    for (int64_t j = 0; j < g; ++j)
-      std::copy(acc + (t * g + j) * D, acc + (t * g + j + 1) * D,
-                out + ((b * sh.T + t) * sh.H + kv * g + j) * D);
+    for (int64_t j = 0; j < g; ++j) {
+      const int64_t i = t * g + j;
+      const float inv = 1.0f / total[i];
+      float* o = out + ((b * sh.T + t) * sh.H + kv * g + j) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[i * D + d] * inv;
+    }
 }
 
-ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
-                  ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::PRED> mask,
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys,
+                  ffi::AnyBuffer values, ffi::Buffer<ffi::PRED> mask,
                   ffi::ResultBuffer<ffi::F32> out, float scale, float cap) {
   const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
   if (qd.size() != 4 || kd.size() != 3 || vd.size() != 3)
-    return ffi::Error::InvalidArgument("pianist attend: need q [B,T,H,D], keys [N,D,S], values [N,S,D]");
-  Shape sh{qd[0], qd[1], qd[2], qd[3], kd[0] / qd[0], kd[2]};
-  if (sh.D % 16 || kd[1] != sh.D || vd[1] != sh.S || vd[2] != sh.D || sh.KV * sh.B != kd[0] ||
-      sh.H % sh.KV || mask.element_count() != sh.B * sh.T * sh.S)
-    return ffi::Error::InvalidArgument("pianist attend: inconsistent shapes");
+    return ffi::Error::InvalidArgument(
+        "pianist attend: need q [B,T,H,D], keys [N,S,D], values [N,S,D]");
+  const Shape sh{qd[0], qd[1], qd[2], qd[3], kd[0] / qd[0], kd[1]};
+  const auto type = keys.element_type();
+  if (sh.D % 16 || sh.D > 256 || sh.T > 64 || kd[2] != sh.D || vd[1] != sh.S ||
+      vd[2] != sh.D || sh.KV * sh.B != kd[0] || vd[0] != kd[0] || sh.H % sh.KV ||
+      mask.element_count() != sh.B * sh.T * sh.S || values.element_type() != type ||
+      (type != ffi::F32 && type != ffi::BF16 && type != ffi::U16))
+    return ffi::Error::InvalidArgument("pianist attend: inconsistent shapes or types");
   const float* qp = q.typed_data();
-  const float* kp = keys.typed_data();
-  const float* vp = values.typed_data();
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
   const int64_t pairs = sh.B * sh.KV;
   const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, pairs);
   run_parts(pool, threads, [&](int64_t t) {
-    for (int64_t p = t; p < pairs; p += threads)
-      one_pair(sh, p / sh.KV, p % sh.KV, qp, kp, vp, mp, op, scale, cap);
+    for (int64_t p = t; p < pairs; p += threads) {
+      if (type != ffi::F32)  // bfloat16, or its bits as uint16
+        one_pair(sh, p / sh.KV, p % sh.KV, qp, static_cast<const uint16_t*>(keys.untyped_data()),
+                 static_cast<const uint16_t*>(values.untyped_data()), mp, op, scale, cap);
+      else
+        one_pair(sh, p / sh.KV, p % sh.KV, qp, static_cast<const float*>(keys.untyped_data()),
+                 static_cast<const float*>(values.untyped_data()), mp, op, scale, cap);
+    }
   });
   return ffi::Error::Success();
 }
@@ -202,8 +282,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PianistAttend, Attend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")

@@ -1,11 +1,13 @@
-// pianist-jax native CPU kernel: y[M, O] = x[M, I] . w[O, I]^T in float32 (AVX2 + FMA).
+// pianist-jax native CPU kernel: y[M, O] = x[M, I] . w[O, I]^T (AVX2 + FMA); x and y float32,
+// w float32 or bfloat16 (widened to float32 on the fly: half the bytes to stream).
 //
 // Why: the renderer's decoder multiplies a few rows (1-16: batch x tokens per step) by each
 // weight matrix. XLA:CPU's kernels for 2-8 rows run at half the speed of streaming the
 // weights; this one keeps every (weight row, input row) sum in a register while streaming
-// contiguous weight rows once per group of <= 8 input rows. Each output is the same sequence
-// of fused multiply-adds whatever M is, so a row's result does not depend on the batch.
-// Output rows are split over XLA's intra-op thread pool. Built and registered by
+// contiguous weight rows once for up to 8 input rows; more rows sweep each block of 3
+// weight rows (then in L1) by groups of 4. Each output is the same sequence of fused
+// multiply-adds whatever M is, so a row's result does not depend on the batch. Output rows
+// are split over XLA's intra-op thread pool. Built and registered by
 // pianist_jax/native_kernels.py (XLA FFI); the caller guarantees I % 8 == 0.
 #include <immintrin.h>
 
@@ -26,71 +28,93 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// R weight rows [o, o + R) against M input rows: R * M accumulators (<= 9 + loads in 16 ymm).
-template <int M, int R>
-void block(const float* x, const float* w, float* y, int64_t I, int64_t O, int64_t o) {
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // 8 bfloat16 -> float32: the high 16 bits
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// R weight rows [o, o + R) against M input rows: R * M accumulators (<= 12 + loads in 16 ymm).
+template <typename W, int M, int R>
+void block(const float* x, const W* w, float* y, int64_t I, int64_t O, int64_t o) {
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t k = 0; k < I; k += 8) {
-    __m256 xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x + m * I + k);
     for (int r = 0; r < R; ++r) {
-      const __m256 wv = _mm256_loadu_ps(w + (o + r) * I + k);
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+      const __m256 wv = load8(w + (o + r) * I + k);
+      for (int m = 0; m < M; ++m)  // x from L1, as a memory operand of the FMA
+        acc[r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * I + k), acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) y[m * O + o + r] = hsum(acc[r][m]);
 }
 
-template <int M, int R>
-void rows(const float* x, const float* w, float* y, int64_t I, int64_t O, int64_t o0,
-          int64_t o1) {
+template <typename W, int M, int R>
+void rows(const float* x, const W* w, float* y, int64_t I, int64_t O, int64_t o0, int64_t o1) {
   int64_t o = o0;
-  for (; o + R <= o1; o += R) block<M, R>(x, w, y, I, O, o);
-  for (; o < o1; ++o) block<M, 1>(x, w, y, I, O, o);
+  for (; o + R <= o1; o += R) block<W, M, R>(x, w, y, I, O, o);
+  for (; o < o1; ++o) block<W, M, 1>(x, w, y, I, O, o);
 }
 
-using RowsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+// More than 8 input rows: each block of 3 weight rows is swept by groups of 4 input rows
+// (streamed from memory once, then read from L1).
+template <typename W>
+void many_rows(const float* x, const W* w, float* y, int64_t M, int64_t I, int64_t O,
+               int64_t o0, int64_t o1) {
+  int64_t o = o0;
+  for (; o + 3 <= o1; o += 3) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) block<W, 4, 3>(x + m * I, w, y + m * O, I, O, o);
+    for (; m < M; ++m) block<W, 1, 3>(x + m * I, w, y + m * O, I, O, o);
+  }
+  for (; o < o1; ++o)
+    for (int64_t m = 0; m < M; ++m) block<W, 1, 1>(x + m * I, w, y + m * O, I, O, o);
+}
 
-RowsFn rows_for(int64_t m) {
-  switch (m) {
-    case 1: return rows<1, 8>;
-    case 2: return rows<2, 4>;
-    case 3: return rows<3, 3>;
-    case 4: return rows<4, 2>;
-    case 5: return rows<5, 2>;
-    case 6: return rows<6, 2>;
-    case 7: return rows<7, 1>;
-    default: return rows<8, 1>;
+// Weight rows [o0, o1) for all M input rows.
+template <typename W>
+void all_rows(const float* x, const W* w, float* y, int64_t M, int64_t I, int64_t O,
+              int64_t o0, int64_t o1) {
+  switch (M) {
+    case 1: return rows<W, 1, 8>(x, w, y, I, O, o0, o1);
+    case 2: return rows<W, 2, 4>(x, w, y, I, O, o0, o1);
+    case 3: return rows<W, 3, 3>(x, w, y, I, O, o0, o1);
+    case 4: return rows<W, 4, 2>(x, w, y, I, O, o0, o1);
+    case 5: return rows<W, 5, 2>(x, w, y, I, O, o0, o1);
+    case 6: return rows<W, 6, 2>(x, w, y, I, O, o0, o1);
+    case 7: return rows<W, 7, 1>(x, w, y, I, O, o0, o1);
+    case 8: return rows<W, 8, 1>(x, w, y, I, O, o0, o1);
+    default: return many_rows<W>(x, w, y, M, I, O, o0, o1);
   }
 }
 
-// Weight rows [o0, o1) for every group of <= 8 input rows.
-void all_groups(const float* x, const float* w, float* y, int64_t M, int64_t I, int64_t O,
-                int64_t o0, int64_t o1) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const int64_t g = std::min<int64_t>(8, M - m0);
-    rows_for(g)(x + m0 * I, w, y + m0 * O, I, O, o0, o1);
-  }
-}
-
-ffi::Error MatVecT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y) {
-  const auto wd = w.dimensions();
-  if (wd.size() != 2 || wd[1] % 8 != 0 || wd[1] == 0 || x.element_count() % wd[1] != 0)
-    return ffi::Error::InvalidArgument("pianist matvec_t: need w [O, I], I % 8 == 0, x [M, I]");
-  const int64_t O = wd[0], I = wd[1], M = x.element_count() / I;
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
+template <typename W>
+void run(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t M, int64_t I,
+         int64_t O) {
   int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, 16);
   if (O * I < (int64_t{1} << 16)) threads = 1;  // too small to be worth a hand-off
-  const int64_t chunk = ((O + threads - 1) / threads + 7) / 8 * 8;
+  const int64_t chunk = ((O + threads - 1) / threads + 23) / 24 * 24;  // whole row blocks
   run_parts(pool, (O + chunk - 1) / chunk, [&](int64_t t) {
-    all_groups(xp, wp, yp, M, I, O, t * chunk, std::min(O, (t + 1) * chunk));
+    all_rows<W>(x, w, y, M, I, O, t * chunk, std::min(O, (t + 1) * chunk));
   });
+}
+
+ffi::Error MatVecT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 2 || wd[1] % 8 != 0 || wd[1] == 0 || x.element_count() % wd[1] != 0 ||
+      (w.element_type() != ffi::F32 && w.element_type() != ffi::BF16))
+    return ffi::Error::InvalidArgument(
+        "pianist matvec_t: need w [O, I] float32 or bfloat16, I % 8 == 0, x [M, I]");
+  const int64_t O = wd[0], I = wd[1], M = x.element_count() / I;
+  if (w.element_type() == ffi::BF16)
+    run(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()), y->typed_data(),
+        M, I, O);
+  else
+    run(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()), y->typed_data(), M,
+        I, O);
   return ffi::Error::Success();
 }
 
@@ -100,5 +124,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PianistMatVecT, MatVecT,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
