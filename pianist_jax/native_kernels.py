@@ -136,10 +136,10 @@ def matvec_t(x, w):
 
 def attend(q, keys, values, mask, scale: float, cap: float | None):
     """Grouped-query attention of ``q [B, T, H, D]`` (float32) over ``keys`` and ``values``
-    ``[B*K, S, D]`` (both float32, or both bfloat16 or its bits as uint16) where ``mask [B, T, S]`` (bool) is true,
-    logits soft-capped at ``cap`` (None: not capped) -> ``[B, T, H, D]`` float32 (``D % 16
-    == 0``, ``D <= 256``); the kernel reads only up to the last visible position. Call only
-    after `load` returned True."""
+    ``[B*K, S, D]`` (both float32, or both bfloat16 or its bits as uint16) where ``mask
+    [B, T, S]`` (bool) is true, logits soft-capped at ``cap`` (None: not capped) ->
+    ``[B, T, H, D]`` float32 (``D % 16 == 0``); the kernel reads only up to the last visible
+    position. Call only after `load` returned True."""
     import jax
     import numpy as np
 

@@ -86,9 +86,9 @@ def _to_cache(x: jax.Array, cache: jax.Array) -> jax.Array:
 
 
 def native_attention(cfg, native: bool) -> bool:
-    """Whether the decode loop attends through the native kernel (it needs D % 16 == 0 and
-    D <= 256); this also fixes the layout of the keys in the caches (see `_attend`)."""
-    return native and cfg.head_dim % 16 == 0 and cfg.head_dim <= 256
+    """Whether the decode loop attends through the native kernel (it needs D % 16 == 0);
+    this also fixes the layout of the keys in the caches (see `_attend`)."""
+    return native and cfg.head_dim % 16 == 0
 
 
 def _attend(attn, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
