@@ -11,20 +11,24 @@ Why it is shaped this way (measured on a 2-core CPU, `bench/render_bench.py`):
   batch 1 and 33.5 -> 25.0 ms at batch 8; small fp32 at batch 8 8.4 -> 7.6 ms. The one
   exception is a single row with matrices small enough to stay in the CPU cache (up to
   32 MiB, e.g. small): ``[in, out]`` computes faster there (small fp32, batch 1: 1.16-1.19
-  vs 1.41 ms per step). The output tables stay ``[H, n]``, which measured faster for them.
-- On CPU (float32) those ``[out, in]`` products and the attention step go through small
-  native kernels when they can be built (`pianist_jax.native_kernels`): XLA's kernels for
-  2-16 rows and its batched attention products run at about half the speed of streaming the
-  data, and XLA's attention reads the whole cache buffer, the kernel only the visible part.
-  Base fp32 batch 1, in one process: 5.68 -> 4.83 ms per step (products), 4.61 -> 3.89 ms
-  (attention), same tokens.
+  vs 1.41 ms per step). Off the kernels the output tables are ``[H, n]``, which measured
+  faster for XLA.
+- On CPU those ``[out, in]`` products, the output logits and the attention step go through
+  small native kernels when they can be built (`pianist_jax.native_kernels`): XLA's kernels
+  for 2-16 rows and its batched attention products run at about half the speed of streaming
+  the data, and XLA's attention reads the whole cache buffer, the kernel only the visible
+  part. Base fp32 batch 1, in one process: 5.68 -> 4.83 ms per step (products), 4.61 -> 3.89
+  ms (attention), same tokens. The kernels read bfloat16 parameters and caches and widen
+  them as they go, so a bfloat16 renderer computes in float32 from half the bytes (the
+  caches are kept as uint16 bits: XLA:CPU widened a bfloat16 buffer around every update).
 - Logits are computed only over the slot's valid id range (velocity 128, time 5000, pedal 128
-  rows), from output tables sliced and transposed once per window, outside the loop.
+  rows), from output tables sliced (and, off the kernels, transposed) once per window.
 - The window is decoded in segments of 128 notes (1024 tokens); segment ``m`` carries a cache
   buffer of only the ``(m + 1) * 1024`` tokens it can see, so a note near the start of a
   window reads little cache.
 - Every cache (self- and cross-attention) is laid out as the attention products read it:
-  batch and kv-head axes merged, keys ``[B*K, D, S]``, values ``[B*K, S, D]``. With separate
+  batch and kv-head axes merged, keys ``[B*K, D, S]`` (``[B*K, S, D]`` for the kernel, which
+  reads them row by row in memory order), values ``[B*K, S, D]``. With separate
   ``[B, K, ...]`` axes XLA copied and transposed the written cache at every step (about a
   fifth of a step at batch 1); now it is updated in place.
 - In the fused ``[Pedal4, Pitch]`` step only the Pitch position's output is used, so the last
