@@ -44,6 +44,12 @@ inline __m256 sum8(const __m256* a) {
 
 constexpr int64_t kAhead = 64;  // prefetch distance in positions (32 KiB of float32 rows)
 
+// Ask for `bytes` from `p` into L1 (the hardware prefetcher stops at 4 KiB pages).
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
 inline __m256 exp256(__m256 x) {  // Cephes-style exp, ~1 ulp over the float range
   x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
   x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
@@ -58,7 +64,8 @@ inline __m256 exp256(__m256 x) {  // Cephes-style exp, ~1 ulp over the float ran
   y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
   y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
@@ -121,11 +128,7 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* k
   // logits: 8 positions (8 contiguous key rows) at a time
   int64_t s = 0;
   for (; s + 8 <= end; s += 8) {
-    if (s + kAhead + 8 <= end) {
-      const char* pf = reinterpret_cast<const char*>(K + (s + kAhead) * D);
-      for (int64_t off = 0; off < 8 * D * int64_t{sizeof(E)}; off += 64)
-        _mm_prefetch(pf + off, _MM_HINT_T0);
-    }
+    if (s + kAhead + 8 <= end) prefetch(K + (s + kAhead) * D, 8 * D * int64_t{sizeof(E)});
     // two queries x 4 rows = 8 independent sums per pass (full FMA throughput), each key
     // element widened once per query pair
     for (int64_t i0 = 0; i0 < G; i0 += 2) {
@@ -197,11 +200,7 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* k
   // into acc [G, D] (L1) for <= 2 queries at a time
   int64_t s4 = 0;
   for (; s4 + 4 <= end; s4 += 4) {
-    if (s4 + kAhead + 4 <= end) {
-      const char* pf = reinterpret_cast<const char*>(V + (s4 + kAhead) * D);
-      for (int64_t off = 0; off < 4 * D * int64_t{sizeof(E)}; off += 64)
-        _mm_prefetch(pf + off, _MM_HINT_T0);
-    }
+    if (s4 + kAhead + 4 <= end) prefetch(V + (s4 + kAhead) * D, 4 * D * int64_t{sizeof(E)});
     const E* v = V + s4 * D;
     for (int64_t i0 = 0; i0 < G; i0 += 2) {
       const bool two = i0 + 1 < G;
