@@ -32,11 +32,12 @@ from pathlib import Path
 
 NATIVE_DIR = Path(__file__).with_name("native")
 SOURCES = [NATIVE_DIR / f for f in ("matvec.cc", "attend.cc")]  # + their header parallel.h
-TARGETS = {"pianist_matvec_t": "PianistMatVecT", "pianist_attend": "PianistAttend"}
+TARGETS = {"pianist_matvec_t": "PianistMatVecT", "pianist_attend": "PianistAttend"}  # + key
 FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC"]
 CACHE_DIR = Path(os.environ.get("PIANIST_JAX_NATIVE_CACHE", "~/.cache/pianist-jax/native"))
 
 _loaded: tuple[bool, str] | None = None  # (usable, why not) once a build was attempted
+_suffix = ""  # "_<build key>": the registered targets are named after the build (see load)
 
 
 def cpu_supports() -> tuple[bool, str]:
@@ -98,7 +99,7 @@ def build(cache_dir: Path = CACHE_DIR) -> Path:
 
 def load() -> tuple[bool, str]:
     """Build (once per process) and register the kernel; (usable, reason when not)."""
-    global _loaded
+    global _loaded, _suffix
     if os.environ.get("PIANIST_JAX_NATIVE", "1") == "0":
         return False, "disabled by PIANIST_JAX_NATIVE=0"
     if _loaded is not None:
@@ -110,10 +111,16 @@ def load() -> tuple[bool, str]:
         try:
             import jax
 
-            handle = ctypes.cdll.LoadLibrary(str(build()))
+            lib = build()
+            handle = ctypes.cdll.LoadLibrary(str(lib))
+            # the build key is in every target's name, so the programs that call the kernels
+            # (and JAX's persistent compilation cache) change whenever the kernels do
+            suffix = "_" + lib.stem.rsplit("-", 1)[-1]
             for target, symbol in TARGETS.items():
-                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)),
+                jax.ffi.register_ffi_target(target + suffix,
+                                            jax.ffi.pycapsule(getattr(handle, symbol)),
                                             platform="cpu")
+            _suffix = suffix
         except Exception as err:  # noqa: BLE001 - any failure means: use XLA's products
             ok, why = False, f"native kernel unavailable: {err}"
             warnings.warn(f"pianist-jax: {why}; rendering with XLA's products", stacklevel=2)
@@ -129,7 +136,8 @@ def matvec_t(x, w):
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
-    y = jax.ffi.ffi_call("pianist_matvec_t", jax.ShapeDtypeStruct((rows, w.shape[0]), x.dtype))(
+    y = jax.ffi.ffi_call("pianist_matvec_t" + _suffix,
+                         jax.ShapeDtypeStruct((rows, w.shape[0]), x.dtype))(
         x.reshape(rows, x.shape[-1]), w)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
@@ -143,5 +151,5 @@ def attend(q, keys, values, mask, scale: float, cap: float | None):
     import jax
     import numpy as np
 
-    return jax.ffi.ffi_call("pianist_attend", jax.ShapeDtypeStruct(q.shape, q.dtype))(
+    return jax.ffi.ffi_call("pianist_attend" + _suffix, jax.ShapeDtypeStruct(q.shape, q.dtype))(
         q, keys, values, mask, scale=np.float32(scale), cap=np.float32(cap or 0.0))

@@ -98,6 +98,18 @@ def test_attend_matches_numpy(b, t, h, kv, d, s, cap, dtype):
                                rtol=2e-4, atol=2e-5)
 
 
+@needs_kernel
+def test_targets_are_named_after_the_build():
+    """A new kernel build gets new target names, so compiled programs that call an older
+    build (JAX's persistent compilation cache) are never reused with it."""
+    import jax
+    import jax.numpy as jnp
+
+    key = native_kernels.build().stem.rsplit("-", 1)[-1]
+    hlo = jax.jit(native_kernels.matvec_t).lower(jnp.ones((2, 8)), jnp.ones((3, 8))).as_text()
+    assert f"pianist_matvec_t_{key}" in hlo
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("PIANIST_JAX_NATIVE", "0")
     assert native_kernels.load() == (False, "disabled by PIANIST_JAX_NATIVE=0")
