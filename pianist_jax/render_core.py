@@ -89,6 +89,16 @@ def _to_cache(x: jax.Array, cache: jax.Array) -> jax.Array:
     return x.astype(cache.dtype)
 
 
+def _heads_first(x: jax.Array, positions_last: bool = False) -> jax.Array:
+    """``[B, S, K, D]`` keys or values -> the caches' layout with batch and kv-head axes
+    merged: ``[B*K, S, D]``, or ``[B*K, D, S]`` when ``positions_last`` (keys read by XLA's
+    attention products; see `_attend`)."""
+    b, s, k, d = x.shape
+    if positions_last:
+        return x.transpose(0, 2, 3, 1).reshape(b * k, d, s)
+    return x.transpose(0, 2, 1, 3).reshape(b * k, s, d)
+
+
 def native_attention(cfg, native: bool) -> bool:
     """Whether the decode loop attends through the native kernel (it needs D % 16 == 0);
     this also fixes the layout of the keys in the caches (see `_attend`)."""
@@ -174,14 +184,9 @@ def _decoder_step(model, fused, layout, ids, pos0, cross, cache, native=False):
         k = apply_rope(qkv[..., n * d:(n + kv) * d].reshape(b, t, kv, d), positions, attn.theta)
         v = qkv[..., (n + kv) * d:].reshape(b, t, kv, d)
         ck, cv = cache[i]
-        if native:  # keys [B*K, S, D], like the values
-            ck = jax.lax.dynamic_update_slice_in_dim(
-                ck, _to_cache(k.transpose(0, 2, 1, 3).reshape(b * kv, t, d), ck), pos0, 1)
-        else:
-            ck = jax.lax.dynamic_update_slice_in_dim(
-                ck, k.transpose(0, 2, 3, 1).reshape(b * kv, d, t).astype(ck.dtype), pos0, 2)
-        cv = jax.lax.dynamic_update_slice_in_dim(
-            cv, _to_cache(v.transpose(0, 2, 1, 3).reshape(b * kv, t, d), cv), pos0, 1)
+        ck = jax.lax.dynamic_update_slice_in_dim(
+            ck, _to_cache(_heads_first(k, not native), ck), pos0, 1 if native else 2)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, _to_cache(_heads_first(v), cv), pos0, 1)
         new_cache.append((ck, cv))
         if i == len(dec.layers) - 1 and t > 1:  # only the last token's output is used
             q, x, q_pos = q[:, -1:], x[:, -1:], q_pos[-1:]
@@ -303,12 +308,8 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
         cross = []
         for layer in model.decoder.layers:
             k, v = layer.cross_attn.keys_values(states, None)  # [B, N, K, D]
-            kv, d = k.shape[2], k.shape[3]
-            k = (k.transpose(0, 2, 1, 3).reshape(b * kv, -1, d) if sd_keys
-                 else k.transpose(0, 2, 3, 1).reshape(b * kv, d, -1))
-            cross.append((_to_cache(k, storage),
-                          _to_cache(v.transpose(0, 2, 1, 3).reshape(b * kv, -1, d), storage),
-                          enc_mask[:, None]))
+            cross.append((_to_cache(_heads_first(k, not sd_keys), storage),
+                          _to_cache(_heads_first(v), storage), enc_mask[:, None]))
         fused, layout = fuse_weights(model, b, native)
         table = model.decoder.embed_tokens[...]
         out_tables = {  # the valid rows of each slot kind: [n, H] for the kernel, else [H, n]
@@ -342,13 +343,8 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
         else:
             last = jnp.full((b,), BOS, enc_ids.dtype)
         key_axis = 1 if sd_keys else 2  # the keys' position axis
-        full = [(_to_cache(c["k"].transpose(0, 2, 1, 3).reshape(-1, tokens, c["k"].shape[3])
-                           if sd_keys else
-                           c["k"].transpose(0, 2, 3, 1).reshape(-1, c["k"].shape[3], tokens),
-                           storage),
-                 _to_cache(c["v"].transpose(0, 2, 1, 3).reshape(-1, tokens, c["v"].shape[3]),
-                           storage))
-                for c in cache["layers"]]  # keys [B*K, D, S] or [B*K, S, D], values [B*K, S, D]
+        full = [(_to_cache(_heads_first(c["k"], not sd_keys), storage),
+                 _to_cache(_heads_first(c["v"]), storage)) for c in cache["layers"]]
         pitch = enc_ids.reshape(b, notes, TOKENS_PER_NOTE)[:, :, 0]
         out = jnp.zeros((b, notes, TOKENS_PER_NOTE), enc_ids.dtype)
         if prime_notes:
