@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 NATIVE_DIR = Path(__file__).with_name("native")
-SOURCES = [NATIVE_DIR / f for f in ("matvec.cc", "attend.cc")]  # + their header parallel.h
+SOURCES = [NATIVE_DIR / f for f in ("matvec.cc", "attend.cc")]  # + their headers (*.h)
 TARGETS = {"pianist_matvec_t": "PianistMatVecT", "pianist_attend": "PianistAttend"}  # + key
 FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC"]
 CACHE_DIR = Path(os.environ.get("PIANIST_JAX_NATIVE_CACHE", "~/.cache/pianist-jax/native"))
@@ -72,7 +72,7 @@ def build(cache_dir: Path = CACHE_DIR) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     include = jax.ffi.include_dir()
-    code = b"".join(p.read_bytes() for p in [*SOURCES, NATIVE_DIR / "parallel.h"])
+    code = b"".join(p.read_bytes() for p in [*SOURCES, *sorted(NATIVE_DIR.glob("*.h"))])
     key = hashlib.sha256(code + " ".join(FLAGS).encode()
                          + jaxlib.__version__.encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir).expanduser()
