@@ -61,6 +61,13 @@ def use_weight(param: nnx.Param, dtype) -> jax.Array:
     return constrain(value, *(None if n == "embed" else n for n in names))
 
 
+def project(spec: str, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """``jnp.einsum(spec, x, weight)`` summed in float32, returned in ``x.dtype``: what
+    accelerators do for bfloat16 anyway, and on CPU XLA's bfloat16 products run ~3x faster
+    this way (4096 x 768 x 3072: 402 vs 129 GFLOP/s measured; float32 148)."""
+    return jnp.einsum(spec, x, weight, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def logical_param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = None) -> nnx.Param:
     """A parameter with logical axis names; ``std=None`` -> zeros (RMSNorm scales, biases)."""
     if len(shape) != len(axes):
@@ -122,12 +129,12 @@ class Attention(nnx.Module):
         self.dtype = cfg.dtype
 
     def queries(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
-        q = jnp.einsum("btm,mhd->bthd", x, use_weight(self.q_proj, self.dtype))
+        q = project("btm,mhd->bthd", x, use_weight(self.q_proj, self.dtype))
         return apply_rope(q, positions, self.theta) if self.rope else q
 
     def keys_values(self, x: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        k = jnp.einsum("bsm,mkd->bskd", x, use_weight(self.k_proj, self.dtype))
-        v = jnp.einsum("bsm,mkd->bskd", x, use_weight(self.v_proj, self.dtype))
+        k = project("bsm,mkd->bskd", x, use_weight(self.k_proj, self.dtype))
+        v = project("bsm,mkd->bskd", x, use_weight(self.v_proj, self.dtype))
         return (apply_rope(k, positions, self.theta) if self.rope else k), v
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -140,7 +147,7 @@ class Attention(nnx.Module):
         logits = jnp.where(mask[:, None, None, :, :], logits, _NEG)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
-        return jnp.einsum("bthd,hdm->btm", out, use_weight(self.o_proj, self.dtype))
+        return project("bthd,hdm->btm", out, use_weight(self.o_proj, self.dtype))
 
     def attend_causal(self, q, k, v, mask, chunk: int | None, window: int | None) -> jax.Array:
         """`attend` for a causal block (query i = key i) in query chunks of ``chunk`` tokens,
@@ -172,9 +179,10 @@ class MLP(nnx.Module):
         self.dtype = cfg.dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ use_weight(self.gate_proj, self.dtype)
-        up = x @ use_weight(self.up_proj, self.dtype)
-        return (jax.nn.gelu(gate, approximate=True) * up) @ use_weight(self.down_proj, self.dtype)
+        gate = project("...m,mf->...f", x, use_weight(self.gate_proj, self.dtype))
+        up = project("...m,mf->...f", x, use_weight(self.up_proj, self.dtype))
+        return project("...f,fm->...m", jax.nn.gelu(gate, approximate=True) * up,
+                       use_weight(self.down_proj, self.dtype))
 
 
 class EncoderLayer(nnx.Module):

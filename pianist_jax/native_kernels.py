@@ -34,10 +34,25 @@ NATIVE_DIR = Path(__file__).with_name("native")
 SOURCES = [NATIVE_DIR / f for f in ("matvec.cc", "attend.cc")]  # + their headers (*.h)
 TARGETS = {"pianist_matvec_t": "PianistMatVecT", "pianist_attend": "PianistAttend"}  # + key
 FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC"]
+AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+AMX = AVX512 + ("avx512_bf16", "amx_tile", "amx_bf16")
+# The builds, narrowest first: CPU flags each needs, its compiler flags, its extra sources.
+# avx512: 16-lane vectors and 32 registers; amx adds the tile kernel for bfloat16 models.
+ISAS = {"avx2": ((), [], []),
+        "avx512": (AVX512, [f"-m{f}" for f in AVX512], []),
+        "amx": (AMX, [f"-m{f}" for f in AVX512] + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
+                ["matvec_amx.cc"])}
+AMX_TARGET = ("pianist_matvec_amx", "PianistMatVecAmx")
 CACHE_DIR = Path(os.environ.get("PIANIST_JAX_NATIVE_CACHE", "~/.cache/pianist-jax/native"))
 
 _loaded: tuple[bool, str] | None = None  # (usable, why not) once a build was attempted
 _suffix = ""  # "_<build key>": the registered targets are named after the build (see load)
+_amx = False  # the AMX kernel is registered and Linux granted this process the tile state
+
+
+def _cpu_flags() -> list[str]:
+    return next((ln.split(":", 1)[1].split() for ln in
+                 Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), [])
 
 
 def cpu_supports() -> tuple[bool, str]:
@@ -45,13 +60,28 @@ def cpu_supports() -> tuple[bool, str]:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False, f"needs x86-64 Linux, not {platform.system()} {platform.machine()}"
     try:
-        flags = next((ln.split(":", 1)[1].split() for ln in
-                      Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")),
-                     [])
+        flags = _cpu_flags()
     except OSError as err:
         return False, f"cannot read /proc/cpuinfo: {err}"
     missing = [f for f in ("avx2", "fma") if f not in flags]
     return (False, f"CPU lacks {', '.join(missing)}") if missing else (True, "")
+
+
+def isa() -> str:
+    """The widest build this CPU runs (see `ISAS`); ``PIANIST_JAX_NATIVE_ISA=avx2`` (or
+    ``avx512``) forces a narrower one, e.g. to test each on one machine."""
+    forced = os.environ.get("PIANIST_JAX_NATIVE_ISA", "")
+    if forced and forced not in ISAS:
+        raise ValueError(f"PIANIST_JAX_NATIVE_ISA must be one of {sorted(ISAS)}, not {forced!r}")
+    try:
+        flags = set(_cpu_flags())
+    except OSError:
+        flags = set()
+    runs = [name for name, (needs, _, _) in ISAS.items() if flags.issuperset(needs)]
+    if forced and forced not in runs:
+        raise ValueError(f"PIANIST_JAX_NATIVE_ISA={forced} but this CPU lacks one of "
+                         f"{ISAS[forced][0]}")
+    return forced or runs[-1]
 
 
 def _compiler() -> str | None:
@@ -61,10 +91,11 @@ def _compiler() -> str | None:
     return None
 
 
-def build(cache_dir: Path = CACHE_DIR) -> Path:
-    """The compiled library, built if this source/flags/jaxlib combination has none yet.
-    Written to a temporary name and renamed, so concurrent builders never see half a file;
-    builds of older sources are then removed (a process that has one loaded keeps it)."""
+def build(cache_dir: Path = CACHE_DIR, target_isa: str | None = None) -> Path:
+    """The compiled library for ``target_isa`` (default `isa`), built if this
+    source/flags/jaxlib combination has none yet. Written to a temporary name and renamed, so
+    concurrent builders never see half a file; that ISA's builds of older sources are then
+    removed (a process that has one loaded keeps it)."""
     import jax.ffi
     import jaxlib
 
@@ -72,23 +103,26 @@ def build(cache_dir: Path = CACHE_DIR) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     include = jax.ffi.include_dir()
-    code = b"".join(p.read_bytes() for p in [*SOURCES, *sorted(NATIVE_DIR.glob("*.h"))])
-    key = hashlib.sha256(code + " ".join(FLAGS).encode()
+    target_isa = target_isa or isa()
+    _, isa_flags, extra = ISAS[target_isa]
+    flags, sources = FLAGS + isa_flags, SOURCES + [NATIVE_DIR / f for f in extra]
+    code = b"".join(p.read_bytes() for p in [*sources, *sorted(NATIVE_DIR.glob("*.h"))])
+    key = hashlib.sha256(code + " ".join(flags).encode()
                          + jaxlib.__version__.encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir).expanduser()
-    lib = cache_dir / f"libpianist_native-{key}.so"
+    lib = cache_dir / f"libpianist_native-{target_isa}-{key}.so"
     if lib.is_file():
         return lib
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, f"-I{include}", *map(str, SOURCES), "-o", tmp],
+        proc = subprocess.run([cxx, *flags, f"-I{include}", *map(str, sources), "-o", tmp],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-500:]}")
         os.replace(tmp, lib)
-        for stale in cache_dir.glob("libpianist_native-*.so"):  # older sources' builds
+        for stale in cache_dir.glob(f"libpianist_native-{target_isa}-*.so"):  # older builds
             if stale != lib:
                 stale.unlink(missing_ok=True)
     finally:
@@ -99,7 +133,7 @@ def build(cache_dir: Path = CACHE_DIR) -> Path:
 
 def load() -> tuple[bool, str]:
     """Build (once per process) and register the kernel; (usable, reason when not)."""
-    global _loaded, _suffix
+    global _loaded, _suffix, _amx
     if os.environ.get("PIANIST_JAX_NATIVE", "1") == "0":
         return False, "disabled by PIANIST_JAX_NATIVE=0"
     if _loaded is not None:
@@ -116,7 +150,12 @@ def load() -> tuple[bool, str]:
             # the build key is in every target's name, so the programs that call the kernels
             # (and JAX's persistent compilation cache) change whenever the kernels do
             suffix = "_" + lib.stem.rsplit("-", 1)[-1]
-            for target, symbol in TARGETS.items():
+            targets = dict(TARGETS)
+            if hasattr(handle, AMX_TARGET[1]):  # the amx build: usable once Linux allows it
+                _amx = bool(handle.PianistAmxInit())
+                if _amx:
+                    targets[AMX_TARGET[0]] = AMX_TARGET[1]
+            for target, symbol in targets.items():
                 jax.ffi.register_ffi_target(target + suffix,
                                             jax.ffi.pycapsule(getattr(handle, symbol)),
                                             platform="cpu")
@@ -126,6 +165,38 @@ def load() -> tuple[bool, str]:
             warnings.warn(f"pianist-jax: {why}; rendering with XLA's products", stacklevel=2)
     _loaded = (ok, why)
     return _loaded
+
+
+def amx() -> bool:
+    """Whether the AMX kernel (`matvec_amx`) is usable; call after `load`."""
+    return _amx
+
+
+def pack_amx(w):
+    """``w [O, I]`` (bfloat16, ``I % 32 == 0``) -> the tile layout of `matvec_amx`:
+    ``uint32 [ceil(O / 64), I / 32, 4, 16, 16]``: tile (g, k, j) is the transpose of the
+    16 x 16 bfloat16 pairs of rows 64g + 16j.. and columns 32k.. (rows past O are zero)."""
+    import jax
+    import jax.numpy as jnp
+
+    o, i = w.shape
+    w = jnp.pad(w.astype(jnp.bfloat16), ((0, -o % 64), (0, 0)))
+    pairs = jax.lax.bitcast_convert_type(w.reshape(-1, i // 2, 2), jnp.uint32)  # [O', I/2]
+    return pairs.reshape(-1, 4, 16, i // 32, 16).transpose(0, 3, 1, 4, 2)
+
+
+def matvec_amx(x, wp, out_features: int):
+    """``x [..., I] . w^T -> [..., out_features]`` for ``wp = pack_amx(w)``: the rows rounded
+    to bfloat16, products summed in float32, at most 16 rows; call only if `amx` is true."""
+    import jax
+
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    y = jax.ffi.ffi_call(AMX_TARGET[0] + _suffix,
+                         jax.ShapeDtypeStruct((rows, out_features), x.dtype))(
+        x.reshape(rows, x.shape[-1]), wp)
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 def matvec_t(x, w):

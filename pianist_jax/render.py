@@ -111,6 +111,13 @@ class Renderer:
             raise RenderError(f"{model_dir}: parameters do not match model.yaml: {bad[:4]}")
         abstract = nnx.eval_shape(lambda: PianistTransformer(cfg, rngs=nnx.Rngs(0)))
         self.graphdef, state = nnx.split(abstract)
+        # ... but the encoder (one large product per window) runs in bfloat16 with float32
+        # sums, which XLA:CPU computes ~2.4x faster than float32 (base, batch 8: 7.3 -> 3.0 s)
+        self.encoder_graphdef = None
+        if compute != dtype:
+            bf16 = dataclasses.replace(cfg, dtype=dtype)
+            self.encoder_graphdef = nnx.graphdef(
+                nnx.eval_shape(lambda: PianistTransformer(bf16, rngs=nnx.Rngs(0))))
         cast = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
         nnx.replace_by_pure_dict(state, cast)
         self.params = jax.device_put(state, self.sharding)
@@ -132,7 +139,8 @@ class Renderer:
             s = self.sharding
             fn = jax.jit(render_core.make_window_fn(self.graphdef, notes, prime,
                                                     native=self.native,
-                                                    cache_dtype=self.cache_dtype),
+                                                    cache_dtype=self.cache_dtype,
+                                                    encoder_graphdef=self.encoder_graphdef),
                          in_shardings=(s,) * 8, out_shardings=s)
             i32, f32 = jnp.int32, jnp.float32
             spec = jax.ShapeDtypeStruct

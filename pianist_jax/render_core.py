@@ -64,15 +64,23 @@ SEGMENT_NOTES = 128  # cache chunk: 1024 tokens (64 compiles slower for ~no gain
 CACHED_BYTES = 32 << 20  # single-row decoding keeps [in, out] matrices up to this size
 
 
-IN_OUT, OUT_IN, NATIVE = "in_out", "out_in", "out_in_native"  # how fused matrices are used
+# how fused matrices are used: [in, out] or [out, in] through XLA, [out, in] through the
+# native kernel, or packed for the AMX tile kernel as (tiles, out features)
+IN_OUT, OUT_IN, NATIVE, AMX = "in_out", "out_in", "out_in_native", "amx"
 MAX_NATIVE_ROWS = 16  # the native kernel re-reads the matrix once per 8 rows
 
 
 def _mv(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
-    """``x [..., I]`` times ``w`` -> ``[..., O]``: ``w [I, O]`` for `IN_OUT`, else ``[O, I]``,
-    through `pianist_jax.native_kernels` for `NATIVE` where it applies (``x`` float32, ``w``
-    float32 or bfloat16, I % 8 == 0, at most `MAX_NATIVE_ROWS` rows)."""
+    """``x [..., I]`` times ``w`` -> ``[..., O]``: ``w [I, O]`` for `IN_OUT`, ``(tiles, O)``
+    for `AMX` (see `amx_pack`), else ``[O, I]``, through `pianist_jax.native_kernels` for
+    `NATIVE` where it applies (``x`` float32, ``w`` float32 or bfloat16, I % 8 == 0, at most
+    `MAX_NATIVE_ROWS` rows)."""
     rows = math.prod(x.shape[:-1])
+    if layout == AMX:  # at most 16 rows per tile product
+        wp, out = w
+        flat = x.reshape(rows, x.shape[-1])
+        parts = [native_kernels.matvec_amx(flat[r:r + 16], wp, out) for r in range(0, rows, 16)]
+        return jnp.concatenate(parts).reshape(*x.shape[:-1], out)
     if (layout == NATIVE and x.dtype == jnp.float32 and w.dtype in (jnp.float32, jnp.bfloat16)
             and x.shape[-1] % 8 == 0 and rows <= MAX_NATIVE_ROWS):
         return native_kernels.matvec_t(x, w)
@@ -133,6 +141,20 @@ def _attend(attn, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Ar
     return _mv(out, o, layout)
 
 
+def amx_pack(w: jax.Array) -> tuple[jax.Array, int]:
+    """``[O, I]`` bfloat16 -> the `AMX` layout of `_mv`: (tiles, O)."""
+    return native_kernels.pack_amx(w), w.shape[0]
+
+
+def uses_amx(model, native: bool) -> bool:
+    """Whether the loop's products go through the AMX tile kernel: native, bfloat16
+    parameters, every input width a multiple of 32, and the kernel usable on this CPU."""
+    cfg = model.cfg
+    widths = (cfg.hidden, cfg.num_heads * cfg.head_dim, cfg.mlp)
+    return (native and native_kernels.amx() and all(w % 32 == 0 for w in widths)
+            and model.decoder.embed_tokens[...].dtype == jnp.bfloat16)
+
+
 def fuse_weights(model, rows: int, native: bool = False) -> tuple[list[dict], str]:
     """Per decoder layer, every matrix the loop uses (built once per window, outside the
     loop): the q/k/v projections as one ``[H, (n + 2k) * D]`` matrix and the MLP gate/up as
@@ -140,7 +162,9 @@ def fuse_weights(model, rows: int, native: bool = False) -> tuple[list[dict], st
     (decoding is memory-bound: fewer, larger reads). All transposed to ``[out, in]``, unless
     ``rows`` is 1 and they add up to at most `CACHED_BYTES` (float32 only: XLA would widen
     bfloat16 matrices at every step); ``[out, in]`` matrices go through the native kernel
-    when ``native``. Returns (matrices, layout for `_mv`)."""
+    when ``native``, or packed for the AMX kernel where `uses_amx`: its tile products cost about
+    what reading the weights costs, where the several rows of a batch made the float32
+    products bound by arithmetic. Returns (matrices, layout for `_mv`)."""
     fused = []
     for layer in model.decoder.layers:
         a, c, mlp = layer.self_attn, layer.cross_attn, layer.mlp
@@ -156,6 +180,8 @@ def fuse_weights(model, rows: int, native: bool = False) -> tuple[list[dict], st
     size = sum(w.size * w.dtype.itemsize for f in fused for w in f.values())
     narrow = any(w.dtype != jnp.float32 for f in fused for w in f.values())
     transposed = rows > 1 or size > CACHED_BYTES or (native and narrow)
+    if uses_amx(model, native):
+        return [{k: amx_pack(w.T) for k, w in f.items()} for f in fused], AMX
     if transposed:
         fused = [{k: w.T for k, w in f.items()} for f in fused]
     return fused, (NATIVE if native else OUT_IN) if transposed else IN_OUT
@@ -271,7 +297,7 @@ def _uniforms(row_keys: jax.Array, first_note: jax.Array, notes: int) -> jax.Arr
 
 def make_window_fn(model_graphdef, notes: int, prime_notes: int,
                    segment_notes: int = SEGMENT_NOTES, native: bool = False,
-                   cache_dtype=None) -> Callable:
+                   cache_dtype=None, encoder_graphdef=None) -> Callable:
     """Pure function rendering one window of ``notes`` notes whose first ``prime_notes`` are
     given (the previous window's output); `pianist_jax.render.Renderer` jits and compiles it.
 
@@ -284,7 +310,8 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
     use `pianist_jax.native_kernels` (CPU; the caller has loaded it; the model computes in
     float32, its parameters may be bfloat16). ``cache_dtype``: the self- and cross-attention
     caches' dtype (default: the model's compute dtype); bfloat16 halves the bytes each step
-    reads.
+    reads. ``encoder_graphdef``: the same model with another compute dtype to encode with
+    (e.g. bfloat16 where the loop computes in float32).
     """
     if notes % segment_notes and notes > segment_notes:
         raise ValueError(f"window of {notes} notes is not a multiple of {segment_notes}")
@@ -304,7 +331,9 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
         sd_keys = native_attention(cfg, native)  # keys [B*K, S, D] (else [B*K, D, S])
         # the caches' storage (a scalar of that dtype): bfloat16 as uint16 bits for the kernel
         storage = jnp.zeros((), jnp.uint16 if sd_keys and kv_dtype == jnp.bfloat16 else kv_dtype)
-        states, enc_mask = model.encode(enc_ids)
+        encoder = model if encoder_graphdef is None else nnx.merge(encoder_graphdef, params)
+        states, enc_mask = encoder.encode(enc_ids)
+        states = states.astype(dtype)
         cross = []
         for layer in model.decoder.layers:
             k, v = layer.cross_attn.keys_values(states, None)  # [B, N, K, D]
@@ -316,7 +345,9 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             "time": table[TIME_START:TIME_START + 5000],  # IOI and duration
             "velocity": table[VELOCITY_START:VELOCITY_START + 128],
             "pedal": table[PEDAL_START:PEDAL_START + 128]}
-        if not native:
+        if layout == AMX:
+            out_tables = {k: amx_pack(t) for k, t in out_tables.items()}
+        elif not native:
             out_tables = {k: t.T for k, t in out_tables.items()}
         offsets = {"time": TIME_START, "velocity": VELOCITY_START, "pedal": PEDAL_START}
 
@@ -324,7 +355,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
 
         def pick(x, kind: str, note_index, slot: int, n_valid: int):
             """Sample one slot's id from the final hidden state ``x [B, H]``."""
-            logits = (_mv(x, out_tables[kind], NATIVE) if native else
+            logits = (_mv(x, out_tables[kind], AMX if layout == AMX else NATIVE) if native else
                       jnp.einsum("bh,hn->bn", x, out_tables[kind],
                                  preferred_element_type=jnp.float32))
             logits = softcap(logits, cfg.final_logit_softcap)

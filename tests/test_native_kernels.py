@@ -39,6 +39,80 @@ def test_matvec_matches_numpy(rows, out_in, dtype):
     np.testing.assert_array_equal(got[-1:], alone)
 
 
+needs_amx = pytest.mark.skipif(not (USABLE and native_kernels.amx()),
+                               reason="AMX kernel unavailable on this CPU")
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 16])
+@pytest.mark.parametrize("out_in", [(13, 32), (100, 64), (300, 768), (5000, 96)])
+def test_matvec_amx_matches_numpy(rows, out_in):
+    """The tile kernel: the rows rounded to bfloat16, products summed in float32."""
+    import jax
+    import jax.numpy as jnp
+
+    o, i = out_in
+    rng = np.random.default_rng(rows * 7 + o)
+    x = rng.standard_normal((rows, i)).astype(np.float32)
+    w, w64 = as_stored(rng.standard_normal((o, i)), "bfloat16")
+    wp = native_kernels.pack_amx(w)
+    assert wp.shape == (-(-o // 64), i // 32, 4, 16, 16)
+    mv = jax.jit(native_kernels.matvec_amx, static_argnums=2)
+    got = np.asarray(mv(x, wp, o))
+    _, x64 = as_stored(x, "bfloat16")
+    np.testing.assert_allclose(got, x64 @ w64.T, rtol=1e-5, atol=1e-5 * np.sqrt(i))
+    np.testing.assert_array_equal(got[-1:], np.asarray(mv(x[-1:], wp, o)))  # batch-invariant
+
+
+def test_isa_choice(monkeypatch):
+    """The widest build the CPU runs unless forced narrower; a bad choice is named."""
+    monkeypatch.delenv("PIANIST_JAX_NATIVE_ISA", raising=False)
+    assert native_kernels.isa() in native_kernels.ISAS
+    monkeypatch.setenv("PIANIST_JAX_NATIVE_ISA", "avx2")
+    assert native_kernels.isa() == "avx2"
+    monkeypatch.setenv("PIANIST_JAX_NATIVE_ISA", "sse9")
+    with pytest.raises(ValueError, match="PIANIST_JAX_NATIVE_ISA"):
+        native_kernels.isa()
+
+
+NARROW_CHECK = """
+import numpy as np, jax, jax.numpy as jnp
+from pianist_jax import native_kernels as nk
+assert nk.load()[0] and nk.build().name.startswith("libpianist_native-avx2-"), nk.load()
+rng = np.random.default_rng(0)
+for dtype in ("float32", "bfloat16"):
+    x = rng.standard_normal((8, 24)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((40, 24)), dtype)
+    want = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
+    np.testing.assert_allclose(np.asarray(nk.matvec_t(x, w)), want, rtol=1e-5, atol=1e-3)
+q = rng.standard_normal((2, 1, 4, 16)).astype(np.float32)
+kv = rng.standard_normal((4, 8, 16)).astype(np.float32)
+out = np.asarray(nk.attend(q, kv, kv, np.ones((2, 1, 8), bool), 0.25, None))
+k = kv.reshape(2, 2, 8, 16)
+x = np.einsum("bhd,bhsd->bhs", q[:, 0].reshape(2, 2, 2, 16)[:, :, 0], k) * 0.25
+p = np.exp(x - x.max(-1, keepdims=True))
+ref = np.einsum("bhs,bhsd->bhd", p / p.sum(-1, keepdims=True), k)
+np.testing.assert_allclose(out[:, 0].reshape(2, 2, 2, 16)[:, :, 0], ref, rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+
+
+@needs_kernel
+def test_avx2_build_where_a_wider_one_is_chosen():
+    """On a CPU that gets the AVX-512 (or AMX) build, the AVX2 build still works: the one
+    older CPUs get (run in a fresh process, where PIANIST_JAX_NATIVE_ISA=avx2 picks it)."""
+    import os
+    import subprocess
+    import sys
+
+    if native_kernels.isa() == "avx2":
+        pytest.skip("this CPU gets the AVX2 build already (tested above)")
+    env = {**os.environ, "PIANIST_JAX_NATIVE_ISA": "avx2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", NARROW_CHECK], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
 @needs_kernel
 def test_matvec_keeps_leading_axes():
     import jax.numpy as jnp
@@ -163,11 +237,15 @@ def test_renderer_same_tokens_with_and_without_kernel(tmp_path):
 @needs_kernel
 def test_bfloat16_renderer_on_the_kernels(tmp_path):
     """bfloat16 on the kernels stores parameters and caches in bfloat16 and computes in
-    float32: the score's pitches in order, every slot in its range, the same tokens for the
-    same seed, a batch equal to its rows rendered one by one (2 windows of 128 notes)."""
+    float32 (the products' rows rounded to bfloat16 where the AMX kernel takes them): the
+    score's pitches in order, every slot in its range, the same tokens for the same seed, a
+    batch equal to its rows rendered one by one (2 windows of 128 notes)."""
     import jax
     import jax.numpy as jnp
 
+    from flax import nnx
+
+    from pianist_jax import render_core
     from pianist_jax.render import Renderer
     from pianist_jax.tokenizer import SLOT_RANGES
 
@@ -175,6 +253,8 @@ def test_bfloat16_renderer_on_the_kernels(tmp_path):
     r = Renderer(tmp_path / "tiny", dtype="bfloat16", native=True, window=128, shift=64)
     assert r.cfg.dtype == "float32" and r.cache_dtype == "bfloat16"
     assert {a.dtype for a in jax.tree.leaves(r.params)} == {jnp.dtype(jnp.bfloat16)}
+    model = nnx.merge(r.graphdef, r.params)
+    assert render_core.uses_amx(model, True) == native_kernels.amx()
     batch = r.render_ids(scores, [4, 5])
     assert [len(x) for x in batch] == [len(x) for x in scores]
     for got, score in zip(batch, scores):

@@ -1,4 +1,5 @@
-// pianist-jax native CPU kernel: one decoding step of grouped-query attention (AVX2 + FMA).
+// pianist-jax native CPU kernel: one decoding step of grouped-query attention (AVX2 + FMA, or
+// AVX-512 for the two passes over the cache).
 //
 //   out[B, T, H, D] = softmax_s(mask ? cap * tanh(scale * q . k_s / cap) : -FLT_MAX) . v_s
 //   q [B, T, H, D] float32, keys and values [B*KV, S, D] float32 or bfloat16 (both the same;
@@ -38,6 +39,7 @@ inline __m256 sum8(const __m256* a) {
 }
 
 constexpr int64_t kAhead = 64;  // prefetch distance in positions (32 KiB of float32 rows)
+constexpr int kRows = kLanes == 16 ? 8 : 4;  // key rows per logits pass (2 x kRows sums)
 
 // Ask for `bytes` from `p` into L1 (the hardware prefetcher stops at 4 KiB pages).
 inline void prefetch(const void* p, int64_t bytes) {
@@ -117,28 +119,26 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* k
   int64_t s = 0;
   for (; s + 8 <= end; s += 8) {
     if (s + kAhead + 8 <= end) prefetch(K + (s + kAhead) * D, 8 * D * int64_t{sizeof(E)});
-    // two queries x 4 rows = 8 independent sums per pass (full FMA throughput), each key
+    // two queries x kRows rows = independent sums per pass (full FMA throughput), each key
     // element widened once per query pair
     for (int64_t i0 = 0; i0 < G; i0 += 2) {
       const bool two = i0 + 1 < G;
       const float* q0p = qs + i0 * D;
       const float* q1p = two ? q0p + D : q0p;
       __m256 a0[8], a1[8];
-      for (int h = 0; h < 8; h += 4) {
-        __m256 x0 = _mm256_setzero_ps(), x1 = x0, x2 = x0, x3 = x0;
-        __m256 y0 = x0, y1 = x0, y2 = x0, y3 = x0;
+      for (int h = 0; h < 8; h += kRows) {
+        Vec x[kRows], y[kRows];
+        for (int r = 0; r < kRows; ++r) x[r] = y[r] = vzero();
         const E* k = K + (s + h) * D;
-        for (int64_t d = 0; d < D; d += 8) {
-          const __m256 qa = _mm256_loadu_ps(q0p + d), qb = _mm256_loadu_ps(q1p + d);
-          const __m256 k0 = load8(k + d), k1 = load8(k + D + d), k2 = load8(k + 2 * D + d),
-                       k3 = load8(k + 3 * D + d);
-          x0 = _mm256_fmadd_ps(qa, k0, x0); x1 = _mm256_fmadd_ps(qa, k1, x1);
-          x2 = _mm256_fmadd_ps(qa, k2, x2); x3 = _mm256_fmadd_ps(qa, k3, x3);
-          y0 = _mm256_fmadd_ps(qb, k0, y0); y1 = _mm256_fmadd_ps(qb, k1, y1);
-          y2 = _mm256_fmadd_ps(qb, k2, y2); y3 = _mm256_fmadd_ps(qb, k3, y3);
+        for (int64_t d = 0; d < D; d += kLanes) {
+          const Vec qa = vload(q0p + d), qb = vload(q1p + d);
+          for (int r = 0; r < kRows; ++r) {
+            const Vec kr = vload(k + r * D + d);
+            x[r] = vfma(qa, kr, x[r]);
+            y[r] = vfma(qb, kr, y[r]);
+          }
         }
-        a0[h] = x0; a0[h + 1] = x1; a0[h + 2] = x2; a0[h + 3] = x3;
-        a1[h] = y0; a1[h + 1] = y1; a1[h + 2] = y2; a1[h + 3] = y3;
+        for (int r = 0; r < kRows; ++r) a0[h + r] = fold8(x[r]), a1[h + r] = fold8(y[r]);
       }
       _mm256_storeu_ps(L + i0 * end8 + s, sum8(a0));
       if (two) _mm256_storeu_ps(L + (i0 + 1) * end8 + s, sum8(a1));
@@ -146,10 +146,10 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* k
   }
   for (; s < end; ++s)
     for (int64_t i = 0; i < G; ++i) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(qs + i * D + d), load8(K + s * D + d), a);
-      L[i * end8 + s] = hsum(a);
+      Vec a = vzero();
+      for (int64_t d = 0; d < D; d += kLanes)
+        a = vfma(vload(qs + i * D + d), vload(K + s * D + d), a);
+      L[i * end8 + s] = vsum(a);
     }
   for (int64_t i = 0; i < G; ++i) {
     float* li = L + i * end8;
@@ -194,34 +194,31 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* k
       const bool two = i0 + 1 < G;
       const float* l0 = L + i0 * end8 + s4;
       const float* l1 = two ? l0 + end8 : l0;
-      const __m256 p00 = _mm256_broadcast_ss(l0), p01 = _mm256_broadcast_ss(l0 + 1),
-                   p02 = _mm256_broadcast_ss(l0 + 2), p03 = _mm256_broadcast_ss(l0 + 3);
-      const __m256 p10 = _mm256_broadcast_ss(l1), p11 = _mm256_broadcast_ss(l1 + 1),
-                   p12 = _mm256_broadcast_ss(l1 + 2), p13 = _mm256_broadcast_ss(l1 + 3);
+      const Vec p00 = vset1(l0[0]), p01 = vset1(l0[1]), p02 = vset1(l0[2]), p03 = vset1(l0[3]);
+      const Vec p10 = vset1(l1[0]), p11 = vset1(l1[1]), p12 = vset1(l1[2]), p13 = vset1(l1[3]);
       float* a0 = acc + i0 * D;
       float* a1 = two ? a0 + D : nullptr;
-      for (int64_t c = 0; c < D; c += 8) {
-        const __m256 v0 = load8(v + c), v1 = load8(v + D + c), v2 = load8(v + 2 * D + c),
-                     v3 = load8(v + 3 * D + c);
-        __m256 x = _mm256_loadu_ps(a0 + c);
-        x = _mm256_fmadd_ps(p00, v0, x); x = _mm256_fmadd_ps(p01, v1, x);
-        x = _mm256_fmadd_ps(p02, v2, x); x = _mm256_fmadd_ps(p03, v3, x);
-        _mm256_storeu_ps(a0 + c, x);
+      for (int64_t c = 0; c < D; c += kLanes) {
+        const Vec v0 = vload(v + c), v1 = vload(v + D + c), v2 = vload(v + 2 * D + c),
+                  v3 = vload(v + 3 * D + c);
+        Vec x = vload(a0 + c);
+        x = vfma(p00, v0, x); x = vfma(p01, v1, x);
+        x = vfma(p02, v2, x); x = vfma(p03, v3, x);
+        vstore(a0 + c, x);
         if (two) {
-          __m256 y = _mm256_loadu_ps(a1 + c);
-          y = _mm256_fmadd_ps(p10, v0, y); y = _mm256_fmadd_ps(p11, v1, y);
-          y = _mm256_fmadd_ps(p12, v2, y); y = _mm256_fmadd_ps(p13, v3, y);
-          _mm256_storeu_ps(a1 + c, y);
+          Vec y = vload(a1 + c);
+          y = vfma(p10, v0, y); y = vfma(p11, v1, y);
+          y = vfma(p12, v2, y); y = vfma(p13, v3, y);
+          vstore(a1 + c, y);
         }
       }
     }
   }
   for (; s4 < end; ++s4)
     for (int64_t i = 0; i < G; ++i) {
-      const __m256 p = _mm256_broadcast_ss(L + i * end8 + s4);
-      for (int64_t c = 0; c < D; c += 8)
-        _mm256_storeu_ps(acc + i * D + c, _mm256_fmadd_ps(p, load8(V + s4 * D + c),
-                                                          _mm256_loadu_ps(acc + i * D + c)));
+      const Vec p = vset1(L[i * end8 + s4]);
+      for (int64_t c = 0; c < D; c += kLanes)
+        vstore(acc + i * D + c, vfma(p, vload(V + s4 * D + c), vload(acc + i * D + c)));
     }
   for (int64_t t = 0; t < sh.T; ++t)
     for (int64_t j = 0; j < g; ++j) {
