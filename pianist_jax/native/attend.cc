@@ -83,39 +83,11 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
-struct Shape { int64_t B, T, H, D, KV, S; };
-
-// One (batch row b, kv head kv): its g * T queries against keys/values [0, end).
+// logits L[i, s] = q_i . k_s for the G queries qs [G, D] (scaled) and positions [0, end).
 template <typename E>
-void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* keys,
-              const E* values, const bool* mask, float* out, float scale, float cap) {
-  const int64_t g = sh.H / sh.KV, G = g * sh.T, D = sh.D, S = sh.S;
-  const E* K = keys + (b * sh.KV + kv) * S * D;
-  const E* V = values + (b * sh.KV + kv) * S * D;
-  const bool* mk = mask + b * sh.T * S;
-  int64_t end = 0;
-  for (int64_t t = 0; t < sh.T; ++t)
-    for (int64_t s = S - 1; s >= end; --s)
-      if (mk[t * S + s]) { end = s + 1; break; }
-  bool any_blind = false;
-  char blind[64];
-  for (int64_t t = 0; t < sh.T; ++t) {
-    blind[t] = std::none_of(mk + t * S, mk + (t + 1) * S, [](bool v) { return v; });
-    any_blind |= blind[t];
-  }
-  if (any_blind) end = S;
-  const int64_t end8 = (end + 7) / 8 * 8;
-  thread_local std::vector<float> buf;
-  buf.assign(G * end8 + 2 * G * D + G, 0.0f);
-  float* L = buf.data();
-  float* acc = L + G * end8;
-  float* qs = acc + G * D;
-  float* total = qs + G * D;
-  for (int64_t t = 0; t < sh.T; ++t)
-    for (int64_t j = 0; j < g; ++j)
-      for (int64_t d = 0; d < D; ++d)
-        qs[(t * g + j) * D + d] = scale * q[((b * sh.T + t) * sh.H + kv * g + j) * D + d];
-  // logits: 8 positions (8 contiguous key rows) at a time
+void logits(const float* qs, const E* K, float* L, int64_t G, int64_t D, int64_t end,
+            int64_t end8) {
+  // 8 positions (8 contiguous key rows) at a time
   int64_t s = 0;
   for (; s + 8 <= end; s += 8) {
     if (s + kAhead + 8 <= end) prefetch(K + (s + kAhead) * D, 8 * D * int64_t{sizeof(E)});
@@ -151,6 +123,89 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* k
         a = vfma(vload(qs + i * D + d), vload(K + s * D + d), a);
       L[i * end8 + s] = vsum(a);
     }
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 keys (the AMX build): the queries rounded to bfloat16 once, then every 32 values of a
+// key row are one VDPBF16PS per query, without widening them (the products as XLA's bfloat16
+// attention takes them, summed in float32): measured ~1.4x faster per call at batch 8.
+inline void logits(const float* qs, const uint16_t* K, float* L, int64_t G, int64_t D,
+                   int64_t end, int64_t end8) {
+  if (D % 32) return logits<uint16_t>(qs, K, L, G, D, end, end8);
+  thread_local std::vector<uint16_t> qv;
+  qv.resize(G * D);
+  for (int64_t i = 0; i < G * D; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qv.data() + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(qs + i)));
+  auto dot = [&](const uint16_t* q, const uint16_t* k) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32)
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + d),
+                           (__m512bh)_mm512_loadu_si512(k + d));
+    return a;
+  };
+  int64_t s = 0;
+  for (; s + 8 <= end; s += 8) {
+    if (s + kAhead + 8 <= end) prefetch(K + (s + kAhead) * D, 8 * D * 2);
+    for (int64_t i0 = 0; i0 < G; i0 += 2) {
+      const bool two = i0 + 1 < G;
+      const uint16_t* q0 = qv.data() + i0 * D;
+      const uint16_t* q1 = two ? q0 + D : q0;
+      __m512 x[8], y[8];
+      for (int r = 0; r < 8; ++r) x[r] = y[r] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 32) {
+        const __m512bh qa = (__m512bh)_mm512_loadu_si512(q0 + d),
+                       qb = (__m512bh)_mm512_loadu_si512(q1 + d);
+        for (int r = 0; r < 8; ++r) {
+          const __m512bh kr = (__m512bh)_mm512_loadu_si512(K + (s + r) * D + d);
+          x[r] = _mm512_dpbf16_ps(x[r], qa, kr);
+          y[r] = _mm512_dpbf16_ps(y[r], qb, kr);
+        }
+      }
+      __m256 a0[8], a1[8];
+      for (int r = 0; r < 8; ++r) a0[r] = fold8(x[r]), a1[r] = fold8(y[r]);
+      _mm256_storeu_ps(L + i0 * end8 + s, sum8(a0));
+      if (two) _mm256_storeu_ps(L + (i0 + 1) * end8 + s, sum8(a1));
+    }
+  }
+  for (; s < end; ++s)
+    for (int64_t i = 0; i < G; ++i) L[i * end8 + s] = vsum(dot(qv.data() + i * D, K + s * D));
+}
+#endif
+
+struct Shape { int64_t B, T, H, D, KV, S; };
+
+// One (batch row b, kv head kv): its g * T queries against keys/values [0, end).
+template <typename E>
+void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* keys,
+              const E* values, const bool* mask, float* out, float scale, float cap) {
+  const int64_t g = sh.H / sh.KV, G = g * sh.T, D = sh.D, S = sh.S;
+  const E* K = keys + (b * sh.KV + kv) * S * D;
+  const E* V = values + (b * sh.KV + kv) * S * D;
+  const bool* mk = mask + b * sh.T * S;
+  int64_t end = 0;
+  for (int64_t t = 0; t < sh.T; ++t)
+    for (int64_t s = S - 1; s >= end; --s)
+      if (mk[t * S + s]) { end = s + 1; break; }
+  bool any_blind = false;
+  char blind[64];
+  for (int64_t t = 0; t < sh.T; ++t) {
+    blind[t] = std::none_of(mk + t * S, mk + (t + 1) * S, [](bool v) { return v; });
+    any_blind |= blind[t];
+  }
+  if (any_blind) end = S;
+  const int64_t end8 = (end + 7) / 8 * 8;
+  thread_local std::vector<float> buf;
+  buf.assign(G * end8 + 2 * G * D + G, 0.0f);
+  float* L = buf.data();
+  float* acc = L + G * end8;
+  float* qs = acc + G * D;
+  float* total = qs + G * D;
+  for (int64_t t = 0; t < sh.T; ++t)
+    for (int64_t j = 0; j < g; ++j)
+      for (int64_t d = 0; d < D; ++d)
+        qs[(t * g + j) * D + d] = scale * q[((b * sh.T + t) * sh.H + kv * g + j) * D + d];
+  logits(qs, K, L, G, D, end, end8);
   for (int64_t i = 0; i < G; ++i) {
     float* li = L + i * end8;
     const bool* mrow = mk + (i / g) * S;
