@@ -31,8 +31,9 @@ import warnings
 from pathlib import Path
 
 NATIVE_DIR = Path(__file__).with_name("native")
-SOURCES = [NATIVE_DIR / f for f in ("matvec.cc", "attend.cc")]  # + their headers (*.h)
-TARGETS = {"pianist_matvec_t": "PianistMatVecT", "pianist_attend": "PianistAttend"}  # + key
+SOURCES = [NATIVE_DIR / f for f in ("matvec.cc", "attend.cc", "sample.cc")]  # + headers (*.h)
+TARGETS = {"pianist_matvec_t": "PianistMatVecT", "pianist_attend": "PianistAttend",
+           "pianist_sample": "PianistSample"}  # + build key
 FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC"]
 AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 AMX = AVX512 + ("avx512_bf16", "amx_tile", "amx_bf16")
@@ -197,6 +198,18 @@ def matvec_amx(x, wp, out_features: int):
                          jax.ShapeDtypeStruct((rows, out_features), x.dtype))(
         x.reshape(rows, x.shape[-1]), wp)
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def sample_top_p(probs, u, top_p):
+    """One top-p draw per row of ``probs [B, n]`` (float32) with the uniform numbers ``u [B]``:
+    ``int32 [B]``, the rule of `pianist_jax.render_core.sample` (see native/sample.cc); call
+    only after `load` returned True."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.ffi.ffi_call("pianist_sample" + _suffix,
+                            jax.ShapeDtypeStruct(probs.shape[:1], jnp.int32))(
+        probs, u.astype(jnp.float32), top_p.astype(jnp.float32))
 
 
 def matvec_t(x, w):

@@ -246,7 +246,7 @@ def _search(lo, hi, rounds: int, count_fn, ways: int = 16):
 
 
 def sample(logits: jax.Array, u: jax.Array, temperature: jax.Array,
-           top_p: jax.Array) -> jax.Array:
+           top_p: jax.Array, native: bool = False) -> jax.Array:
     """Index into ``logits [B, n]`` per row: greedy when temperature is 0, else top-p sampling
     at that temperature with the uniform numbers ``u [B]`` (inverse CDF, so one random number
     per draw).
@@ -254,10 +254,14 @@ def sample(logits: jax.Array, u: jax.Array, temperature: jax.Array,
     The nucleus is every id whose probability is >= the largest threshold ``x`` for which the
     ids >= ``x`` hold at least ``top_p`` of the mass (ties at the threshold are all kept).
     Both the threshold (over the float32 bit patterns of the probabilities, which order like
-    the values) and the drawn id are found by vectorised search.
+    the values) and the drawn id are found by vectorised search; ``native``: by the native
+    kernel instead (`native_kernels.sample_top_p`: the same rule, sums in another order), which
+    at batch 8 over the 5,000 time ids takes microseconds where the search took ~2 ms.
     """
     greedy = jnp.argmax(logits, axis=-1)
     probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
+    if native:
+        return jnp.where(temperature > 0, native_kernels.sample_top_p(probs, u, top_p), greedy)
     bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0, monotone in the value
     b, n = probs.shape
 
@@ -362,7 +366,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
             if n_valid < logits.shape[-1]:  # IOI: the time ids past 4990 ms are not valid
                 logits = jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, -jnp.inf)
             u = jax.lax.dynamic_index_in_dim(uniforms, note_index, 1, False)[:, slot]
-            return sample(logits, u, temperature, top_p) + offsets[kind]
+            return sample(logits, u, temperature, top_p, native) + offsets[kind]
 
         prime_len = prime_notes * TOKENS_PER_NOTE
         cache = model.init_cache(states, tokens, kv_dtype)

@@ -173,6 +173,104 @@ inline void logits(const float* qs, const uint16_t* K, float* L, int64_t G, int6
 }
 #endif
 
+// acc[i, :] = sum_s L[i, s] v_s over positions [0, end) (L zero past end, up to end8).
+template <typename E>
+void weighted_values(const float* L, const E* V, float* acc, int64_t G, int64_t D, int64_t end,
+                     int64_t end8) {
+  // in memory order: 4 value rows at a time (sequential reads), accumulated
+  // into acc [G, D] (L1) for <= 2 queries at a time
+  int64_t s4 = 0;
+  for (; s4 + 4 <= end; s4 += 4) {
+    if (s4 + kAhead + 4 <= end) prefetch(V + (s4 + kAhead) * D, 4 * D * int64_t{sizeof(E)});
+    const E* v = V + s4 * D;
+    for (int64_t i0 = 0; i0 < G; i0 += 2) {
+      const bool two = i0 + 1 < G;
+      const float* l0 = L + i0 * end8 + s4;
+      const float* l1 = two ? l0 + end8 : l0;
+      const Vec p00 = vset1(l0[0]), p01 = vset1(l0[1]), p02 = vset1(l0[2]), p03 = vset1(l0[3]);
+      const Vec p10 = vset1(l1[0]), p11 = vset1(l1[1]), p12 = vset1(l1[2]), p13 = vset1(l1[3]);
+      float* a0 = acc + i0 * D;
+      float* a1 = two ? a0 + D : nullptr;
+      for (int64_t c = 0; c < D; c += kLanes) {
+        const Vec v0 = vload(v + c), v1 = vload(v + D + c), v2 = vload(v + 2 * D + c),
+                  v3 = vload(v + 3 * D + c);
+        Vec x = vload(a0 + c);
+        x = vfma(p00, v0, x); x = vfma(p01, v1, x);
+        x = vfma(p02, v2, x); x = vfma(p03, v3, x);
+        vstore(a0 + c, x);
+        if (two) {
+          Vec y = vload(a1 + c);
+          y = vfma(p10, v0, y); y = vfma(p11, v1, y);
+          y = vfma(p12, v2, y); y = vfma(p13, v3, y);
+          vstore(a1 + c, y);
+        }
+      }
+    }
+  }
+  for (; s4 < end; ++s4)
+    for (int64_t i = 0; i < G; ++i) {
+      const Vec p = vset1(L[i * end8 + s4]);
+      for (int64_t c = 0; c < D; c += kLanes)
+        vstore(acc + i * D + c, vfma(p, vload(V + s4 * D + c), vload(acc + i * D + c)));
+    }
+}
+
+#if defined(__AVX512BF16__)
+// C = D / 32 chunks of 32 values; the sums of two queries stay in 4C registers.
+template <int C>
+void weighted_values_bf16(const uint16_t* pb, const uint16_t* V, float* acc, int64_t G,
+                          int64_t end, int64_t end8) {
+  constexpr int64_t D = 32 * C;
+  for (int64_t i0 = 0; i0 < G; i0 += 2) {
+    const bool two = i0 + 1 < G;
+    const uint32_t* p0 = reinterpret_cast<const uint32_t*>(pb + i0 * end8);
+    const uint32_t* p1 = two ? p0 + end8 / 2 : p0;
+    __m512 lo0[C], hi0[C], lo1[C], hi1[C];
+    for (int c = 0; c < C; ++c) lo0[c] = hi0[c] = lo1[c] = hi1[c] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < end; s += 2) {  // positions s, s + 1: their values as pairs
+      if (s + kAhead + 2 <= end) prefetch(V + (s + kAhead) * D, 2 * D * 2);
+      const __m512bh w0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(p0[s / 2]));
+      const __m512bh w1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(p1[s / 2]));
+      for (int c = 0; c < C; ++c) {
+        const __m512i a = _mm512_loadu_si512(V + s * D + 32 * c);
+        const __m512i b = s + 1 < end ? _mm512_loadu_si512(V + (s + 1) * D + 32 * c)
+                                      : _mm512_setzero_si512();
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b);
+        const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+        lo0[c] = _mm512_dpbf16_ps(lo0[c], w0, lo); hi0[c] = _mm512_dpbf16_ps(hi0[c], w0, hi);
+        lo1[c] = _mm512_dpbf16_ps(lo1[c], w1, lo); hi1[c] = _mm512_dpbf16_ps(hi1[c], w1, hi);
+      }
+    }
+    // unpack*_epi16 interleave within 128-bit lanes: dword j of lo holds value 8 (j / 4) + j % 4
+    // of the chunk, of hi that + 4
+    alignas(64) float t[2][16];
+    for (int q = 0; q < (two ? 2 : 1); ++q)
+      for (int c = 0; c < C; ++c) {
+        _mm512_store_ps(t[0], q ? lo1[c] : lo0[c]);
+        _mm512_store_ps(t[1], q ? hi1[c] : hi0[c]);
+        float* a = acc + (i0 + q) * D + 32 * c;
+        for (int j = 0; j < 16; ++j)
+          a[8 * (j / 4) + j % 4] = t[0][j], a[8 * (j / 4) + 4 + j % 4] = t[1][j];
+      }
+  }
+}
+
+// bfloat16 values (the AMX build): the weights rounded to bfloat16, two positions per
+// VDPBF16PS (their value rows interleaved), as XLA's bfloat16 attention multiplies them.
+inline void weighted_values(const float* L, const uint16_t* V, float* acc, int64_t G, int64_t D,
+                            int64_t end, int64_t end8) {
+  if (D != 32 && D != 64 && D != 128) return weighted_values<uint16_t>(L, V, acc, G, D, end, end8);
+  thread_local std::vector<uint16_t> pb;  // L in bfloat16, end8 (even) per query
+  pb.resize(G * end8);
+  for (int64_t i = 0; i < G * end8; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(pb.data() + i),
+                     (__m128i)_mm256_cvtneps_pbh(_mm256_loadu_ps(L + i)));
+  if (D == 32) return weighted_values_bf16<1>(pb.data(), V, acc, G, end, end8);
+  if (D == 64) return weighted_values_bf16<2>(pb.data(), V, acc, G, end, end8);
+  weighted_values_bf16<4>(pb.data(), V, acc, G, end, end8);
+}
+#endif
+
 struct Shape { int64_t B, T, H, D, KV, S; };
 
 // One (batch row b, kv head kv): its g * T queries against keys/values [0, end).
@@ -239,42 +337,7 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* k
     }
     total[i] = hsum(sum);
   }
-  // weighted values, in memory order: 4 value rows at a time (sequential reads), accumulated
-  // into acc [G, D] (L1) for <= 2 queries at a time
-  int64_t s4 = 0;
-  for (; s4 + 4 <= end; s4 += 4) {
-    if (s4 + kAhead + 4 <= end) prefetch(V + (s4 + kAhead) * D, 4 * D * int64_t{sizeof(E)});
-    const E* v = V + s4 * D;
-    for (int64_t i0 = 0; i0 < G; i0 += 2) {
-      const bool two = i0 + 1 < G;
-      const float* l0 = L + i0 * end8 + s4;
-      const float* l1 = two ? l0 + end8 : l0;
-      const Vec p00 = vset1(l0[0]), p01 = vset1(l0[1]), p02 = vset1(l0[2]), p03 = vset1(l0[3]);
-      const Vec p10 = vset1(l1[0]), p11 = vset1(l1[1]), p12 = vset1(l1[2]), p13 = vset1(l1[3]);
-      float* a0 = acc + i0 * D;
-      float* a1 = two ? a0 + D : nullptr;
-      for (int64_t c = 0; c < D; c += kLanes) {
-        const Vec v0 = vload(v + c), v1 = vload(v + D + c), v2 = vload(v + 2 * D + c),
-                  v3 = vload(v + 3 * D + c);
-        Vec x = vload(a0 + c);
-        x = vfma(p00, v0, x); x = vfma(p01, v1, x);
-        x = vfma(p02, v2, x); x = vfma(p03, v3, x);
-        vstore(a0 + c, x);
-        if (two) {
-          Vec y = vload(a1 + c);
-          y = vfma(p10, v0, y); y = vfma(p11, v1, y);
-          y = vfma(p12, v2, y); y = vfma(p13, v3, y);
-          vstore(a1 + c, y);
-        }
-      }
-    }
-  }
-  for (; s4 < end; ++s4)
-    for (int64_t i = 0; i < G; ++i) {
-      const Vec p = vset1(L[i * end8 + s4]);
-      for (int64_t c = 0; c < D; c += kLanes)
-        vstore(acc + i * D + c, vfma(p, vload(V + s4 * D + c), vload(acc + i * D + c)));
-    }
+  weighted_values(L, V, acc, G, D, end, end8);
   for (int64_t t = 0; t < sh.T; ++t)
     for (int64_t j = 0; j < g; ++j) {
       const int64_t i = t * g + j;
