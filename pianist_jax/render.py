@@ -318,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="rows rendered together")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: parameters and caches in bfloat16 (half the bytes per "
-                        "step; with the native CPU kernels arithmetic stays float32 and it is "
-                        "the faster setting)")
+                        "step; with the native CPU kernels sums stay float32 and it is the "
+                        "faster setting)")
     p.add_argument("--window-notes", type=int, default=512, help=argparse.SUPPRESS)
     p.add_argument("--shift-notes", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
