@@ -96,19 +96,24 @@ class RMSNorm(nnx.Module):
         return (h * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding on ``x [B, T, heads, D]`` at integer ``positions [B, T]`` (rotate-half).
-
-    cos/sin are computed in float32 and cast to ``x.dtype`` before use, as `transformers` does.
-    """
-    dim = x.shape[-1]
+def rope_tables(positions: jax.Array, dim: int, theta: float, dtype) -> tuple[jax.Array, ...]:
+    """cos and sin ``[B, T, 1, D]`` of the rotary embedding at integer ``positions [B, T]``:
+    computed in float32 and cast to ``dtype``, as `transformers` does."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half on ``x [B, T, heads, D]`` with tables from `rope_tables`."""
     x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding on ``x [B, T, heads, D]`` at integer ``positions [B, T]`` (rotate-half)."""
+    return rotate(x, *rope_tables(positions, x.shape[-1], theta, x.dtype))
 
 
 class Attention(nnx.Module):

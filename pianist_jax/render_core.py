@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pianist_jax import native_kernels
-from pianist_jax.layers import _NEG, apply_rope, is_sliding, softcap, window_mask
+from pianist_jax.layers import _NEG, is_sliding, rope_tables, rotate, softcap, window_mask
 from pianist_jax.tokenizer import (BOS, MAX_IOI_MS, PEDAL_START, TIME_START, TOKENS_PER_NOTE,
                                    VELOCITY_START)
 
@@ -187,15 +187,17 @@ def fuse_weights(model, rows: int, native: bool = False) -> tuple[list[dict], st
     return fused, (NATIVE if native else OUT_IN) if transposed else IN_OUT
 
 
-def _decoder_step(model, fused, layout, ids, pos0, cross, cache, native=False):
+def _decoder_step(model, fused, layout, ids, pos0, cross, cache, rope, native=False):
     """Run the decoder on ``ids [B, T]`` at positions ``pos0 ..``; writes their keys/values into
     ``cache`` (list per layer of ``(keys [B*K, D, S], values [B*K, S, D])``, position 0 first;
-    keys ``[B*K, S, D]`` when ``native``: see `native_attention`).
+    keys ``[B*K, S, D]`` when ``native``: see `native_attention`). ``rope``: the window's
+    rotary tables (cos, sin ``[1, tokens, 1, D]``), made once: computed at every step, XLA
+    evaluated cos and sin again for every element of the rotated queries and keys.
     Returns the final hidden state of the last token ``[B, H]`` and the updated cache."""
     dec, cfg = model.decoder, model.cfg
     b, t = ids.shape
     q_pos = pos0 + jnp.arange(t)
-    positions = jnp.broadcast_to(q_pos, (b, t))
+    cos, sin = (jax.lax.dynamic_slice_in_dim(r, pos0, t, axis=1) for r in rope)
     x = jnp.take(dec.embed_tokens[...], ids, axis=0) * jnp.asarray(math.sqrt(cfg.hidden),
                                                                    cfg.dtype)
     new_cache = []
@@ -206,8 +208,8 @@ def _decoder_step(model, fused, layout, ids, pos0, cross, cache, native=False):
         kv = attn.k_proj.shape[1]
         w = fused[i]
         qkv = _mv(layer.pre_self_attn_norm(x), w["qkv"], layout)
-        q = apply_rope(qkv[..., :n * d].reshape(b, t, n, d), positions, attn.theta)
-        k = apply_rope(qkv[..., n * d:(n + kv) * d].reshape(b, t, kv, d), positions, attn.theta)
+        q = rotate(qkv[..., :n * d].reshape(b, t, n, d), cos, sin)
+        k = rotate(qkv[..., n * d:(n + kv) * d].reshape(b, t, kv, d), cos, sin)
         v = qkv[..., (n + kv) * d:].reshape(b, t, kv, d)
         ck, cv = cache[i]
         ck = jax.lax.dynamic_update_slice_in_dim(
@@ -356,6 +358,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
         offsets = {"time": TIME_START, "velocity": VELOCITY_START, "pedal": PEDAL_START}
 
         uniforms = _uniforms(row_keys, first_note, notes)  # [B, notes, 8], drawn up front
+        rope = rope_tables(jnp.arange(tokens)[None], cfg.head_dim, cfg.rope_theta, dtype)
 
         def pick(x, kind: str, note_index, slot: int, n_valid: int):
             """Sample one slot's id from the final hidden state ``x [B, H]``."""
@@ -399,12 +402,12 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
                 pos = j * TOKENS_PER_NOTE
                 x, seg = _decoder_step(model, fused, layout,
                                        jnp.stack([last, pitch[:, j]], axis=1), pos, cross, seg,
-                                       sd_keys)
+                                       rope, sd_keys)
                 row = [pitch[:, j], pick(x, "time", j, 1, MAX_IOI_MS + 1)]
                 for s in range(2, TOKENS_PER_NOTE):  # velocity, duration, pedal 1-4
                     x, seg = _decoder_step(model, fused, layout,
                                            row[-1][:, None].astype(out.dtype), pos + s, cross, seg,
-                                           sd_keys)
+                                           rope, sd_keys)
                     kind = "velocity" if s == 2 else "time" if s == 3 else "pedal"
                     row.append(pick(x, kind, j, s, 5000 if s == 3 else 128))
                 row = jnp.stack([r.astype(out.dtype) for r in row], axis=1)
