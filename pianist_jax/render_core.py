@@ -21,6 +21,10 @@ Why it is shaped this way (measured on a 2-core CPU, `bench/render_bench.py`):
   ms (attention), same tokens. The kernels read bfloat16 parameters and caches and widen
   them as they go, so a bfloat16 renderer computes in float32 from half the bytes (the
   caches are kept as uint16 bits: XLA:CPU widened a bfloat16 buffer around every update).
+- bfloat16 models on CPUs with AMX (the ``amx`` build): the decoder's products and the output
+  logits go through the tile kernel (weights packed once per window, `amx_pack`): at batch 8
+  the float32 products were bound by arithmetic, the tile products cost about what reading
+  the weights costs. Top-p draws go through a native kernel (the same rule as `sample`).
 - Logits are computed only over the slot's valid id range (velocity 128, time 5000, pedal 128
   rows), from output tables sliced (and, off the kernels, transposed) once per window.
 - The window is decoded in segments of 128 notes (1024 tokens); segment ``m`` carries a cache
