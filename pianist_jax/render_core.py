@@ -181,11 +181,11 @@ def fuse_weights(model, rows: int, native: bool = False) -> tuple[list[dict], st
             "cross_o": c.o_proj[...].reshape(-1, h),
             "gate_up": jnp.concatenate([mlp.gate_proj[...], mlp.up_proj[...]], axis=1),
             "down": mlp.down_proj[...]})
+    if uses_amx(model, native):
+        return [{k: amx_pack(w.T) for k, w in f.items()} for f in fused], AMX
     size = sum(w.size * w.dtype.itemsize for f in fused for w in f.values())
     narrow = any(w.dtype != jnp.float32 for f in fused for w in f.values())
     transposed = rows > 1 or size > CACHED_BYTES or (native and narrow)
-    if uses_amx(model, native):
-        return [{k: amx_pack(w.T) for k, w in f.items()} for f in fused], AMX
     if transposed:
         fused = [{k: w.T for k, w in f.items()} for f in fused]
     return fused, (NATIVE if native else OUT_IN) if transposed else IN_OUT
