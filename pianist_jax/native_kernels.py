@@ -88,6 +88,17 @@ def cpu_supports() -> tuple[bool, str]:
     return (False, f"CPU lacks {', '.join(missing)}") if missing else (True, "")
 
 
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). XLA's own
+    bfloat16 products are then faster than float32 ones; without it XLA widens bfloat16 and
+    float32 is faster (AMD Zen 3, the base encoder over 8 x 512 notes: 10.0 vs 7.9 s)."""
+    try:
+        flags = set(_cpu_flags())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def isa() -> str:
     """The widest build this CPU runs (see `ISAS`); ``PIANIST_JAX_NATIVE_ISA=avx2`` (or
     ``avx512``, ``avx512bf16``) forces a narrower one, e.g. to test each on one machine."""

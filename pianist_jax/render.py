@@ -111,10 +111,12 @@ class Renderer:
             raise RenderError(f"{model_dir}: parameters do not match model.yaml: {bad[:4]}")
         abstract = nnx.eval_shape(lambda: PianistTransformer(cfg, rngs=nnx.Rngs(0)))
         self.graphdef, state = nnx.split(abstract)
-        # ... but the encoder (one large product per window) runs in bfloat16 with float32
-        # sums, which XLA:CPU computes ~2.4x faster than float32 (base, batch 8: 7.3 -> 3.0 s)
+        # ... but the encoder (large products, once per window) runs in bfloat16 with float32
+        # sums on CPUs that multiply bfloat16 in hardware, where XLA:CPU computes it ~2.4x
+        # faster than in float32 (base, batch 8, Intel AMX: 7.3 -> 3.0 s); on the others XLA
+        # widens bfloat16 and float32 is faster (AMD Zen 3, base, 8 x 512 notes: 10.0 -> 7.9 s)
         self.encoder_graphdef = None
-        if compute != dtype:
+        if compute != dtype and native_kernels.cpu_multiplies_bf16():
             bf16 = dataclasses.replace(cfg, dtype=dtype)
             self.encoder_graphdef = nnx.graphdef(
                 nnx.eval_shape(lambda: PianistTransformer(bf16, rngs=nnx.Rngs(0))))

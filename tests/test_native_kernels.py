@@ -77,6 +77,26 @@ def test_isa_choice(monkeypatch):
         native_kernels.isa()
 
 
+def test_isa_by_cpu_flags(monkeypatch):
+    """Each build is picked by the CPU flags it needs: AVX512-BF16 without AMX (e.g. AMD
+    Zen 4) gets avx512bf16, whose bfloat16 products round their rows (`rounds_bf16`); the
+    renderer's encoder computes in bfloat16 only where the CPU multiplies it in hardware."""
+    monkeypatch.delenv("PIANIST_JAX_NATIVE_ISA", raising=False)
+    zen3 = "fma avx2".split()
+    zen4 = zen3 + "avx512f avx512bw avx512vl avx512dq avx512_bf16".split()
+    spr = zen4 + ["amx_tile", "amx_bf16"]
+    for flags, want, bf16 in ((zen3, "avx2", False), (zen3 + list(native_kernels.AVX512),
+                              "avx512", False), (zen4, "avx512bf16", True), (spr, "amx", True)):
+        monkeypatch.setattr(native_kernels, "_cpu_flags", lambda f=flags: f)
+        assert native_kernels.isa() == want
+        assert native_kernels.rounds_bf16() == (want in ("avx512bf16", "amx"))
+        assert native_kernels.cpu_multiplies_bf16() == bf16
+    monkeypatch.setenv("PIANIST_JAX_NATIVE_ISA", "avx512bf16")
+    monkeypatch.setattr(native_kernels, "_cpu_flags", lambda: zen3)
+    with pytest.raises(ValueError, match="lacks"):
+        native_kernels.isa()
+
+
 NARROW_CHECK = """
 import numpy as np, jax, jax.numpy as jnp
 from pianist_jax import native_kernels as nk
