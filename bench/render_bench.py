@@ -70,6 +70,31 @@ def bench_one(model_dir: Path, dtype: str, batch: int, score: np.ndarray, repeat
             "compile_s": renderer.compile_seconds, "first_call_s": first}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (figures differ several-fold between the machines we run on)."""
+    try:
+        info = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first CPU's lines
+        if "model name" in info:  # VMs often say only "AMD EPYC": family/model tell Zen 3/4
+            return (f"{info['model name']} (family {info.get('cpu family', '?')}, "
+                    f"model {info.get('model', '?')})")
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def native_note() -> str:
+    """Which native kernel build the renderer will use, or why none."""
+    from pianist_jax import native_kernels
+
+    ok, why = native_kernels.load()
+    return f"native kernels: {native_kernels.isa()} build" if ok else f"no native kernels: {why}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["base", "small"])
@@ -84,6 +109,7 @@ def main() -> None:
     score = fixed_score(args.notes)
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPU threads; "
           f"score {len(score) // 8} notes")
+    print(f"CPU: {cpu_name()}; {native_note()}")
     print(f"{'model':>6} {'dtype':>9} {'batch':>5} {'notes/s':>9} {'s/render':>9} "
           f"{'compile s':>9}")
     with tempfile.TemporaryDirectory() as tmp:
