@@ -116,11 +116,11 @@ def isa() -> str:
     return forced or runs[-1]
 
 
-def rounds_bf16(target_isa: str | None = None) -> bool:
-    """Whether the build (default: this CPU's, `isa`) multiplies bfloat16 weights and caches
-    by their float32 operand (rows, queries, attention weights) rounded to bfloat16, as XLA's
-    bfloat16 products do; the others widen the bfloat16 side and compute in float32."""
-    return (target_isa or isa()) in ROUNDING
+def rounds_bf16() -> bool:
+    """Whether this CPU's build (`isa`) multiplies bfloat16 weights and caches by their
+    float32 operand (rows, queries, attention weights) rounded to bfloat16, as XLA's bfloat16
+    products do; the others widen the bfloat16 side and compute in float32."""
+    return isa() in ROUNDING
 
 
 def _compiler() -> str | None:

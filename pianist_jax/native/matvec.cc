@@ -30,6 +30,10 @@ namespace {
 
 constexpr int64_t kAheadBlocks = 2;  // prefetch distance, in blocks of R weight rows
 
+// bfloat16 rows (AVX512-BF16 builds) are held in registers: fewer left for the sums.
+template <typename X>
+constexpr bool kRowsInRegisters = std::is_same_v<X, uint16_t>;
+
 // R weight rows [o, o + R) against M input rows: R * M accumulators (<= 12 of 16 ymm for
 // AVX2, <= 24 of 32 zmm for AVX-512, the rest for the loads), and the same columns of the
 // rows kAheadBlocks blocks on prefetched (from memory, 8 rows streamed at 10 GB/s without it,
@@ -51,7 +55,7 @@ void block(const X* x, const W* w, float* y, int64_t I, int64_t O, int64_t o) {
   };
   int64_t k = 0;
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<X, uint16_t>) {
+  if constexpr (kRowsInRegisters<X>) {
     for (; k + 32 <= I; k += 32) {
       prefetch(k);
       __m512bh xv[M];
@@ -63,11 +67,11 @@ void block(const X* x, const W* w, float* y, int64_t I, int64_t O, int64_t o) {
     }
     if (k < I) {  // the last 8, 16 or 24 columns (zeros past the row add nothing)
       const __mmask32 tail = (__mmask32)((1u << (I - k)) - 1);
+      __m512bh xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * I + k);
       for (int r = 0; r < R; ++r) {
         const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + (o + r) * I + k);
-        for (int m = 0; m < M; ++m)
-          acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv,
-                                       (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * I + k));
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
       }
     }
   } else
@@ -109,7 +113,7 @@ constexpr int kGroup = 4;
 template <typename X, typename W>
 void many_rows(const X* x, const W* w, float* y, int64_t M, int64_t I, int64_t O,
                int64_t o0, int64_t o1) {
-  constexpr int R = std::is_same_v<X, uint16_t> ? 2 : 3;
+  constexpr int R = kRowsInRegisters<X> ? 2 : 3;
   int64_t o = o0;
   for (; o + R <= o1; o += R) {
     int64_t m = 0;
@@ -125,17 +129,16 @@ void many_rows(const X* x, const W* w, float* y, int64_t M, int64_t I, int64_t O
 template <typename X, typename W>
 void all_rows(const X* x, const W* w, float* y, int64_t M, int64_t I, int64_t O,
               int64_t o0, int64_t o1) {
-  constexpr bool kXreg = std::is_same_v<X, uint16_t>;  // M registers hold the rows
   switch (M) {  // weight rows per block: as many sums as the registers hold
 #if defined(__AVX512F__)
     case 1: return rows<X, W, 1, 8>(x, w, y, I, O, o0, o1);
     case 2: return rows<X, W, 2, 8>(x, w, y, I, O, o0, o1);
     case 3: return rows<X, W, 3, 6>(x, w, y, I, O, o0, o1);
-    case 4: return rows<X, W, 4, kXreg ? 5 : 6>(x, w, y, I, O, o0, o1);
+    case 4: return rows<X, W, 4, kRowsInRegisters<X> ? 5 : 6>(x, w, y, I, O, o0, o1);
     case 5: return rows<X, W, 5, 4>(x, w, y, I, O, o0, o1);
-    case 6: return rows<X, W, 6, kXreg ? 3 : 4>(x, w, y, I, O, o0, o1);
+    case 6: return rows<X, W, 6, kRowsInRegisters<X> ? 3 : 4>(x, w, y, I, O, o0, o1);
     case 7: return rows<X, W, 7, 3>(x, w, y, I, O, o0, o1);
-    case 8: return rows<X, W, 8, kXreg ? 2 : 3>(x, w, y, I, O, o0, o1);
+    case 8: return rows<X, W, 8, kRowsInRegisters<X> ? 2 : 3>(x, w, y, I, O, o0, o1);
 #else
     case 1: return rows<X, W, 1, 8>(x, w, y, I, O, o0, o1);
     case 2: return rows<X, W, 2, 4>(x, w, y, I, O, o0, o1);
