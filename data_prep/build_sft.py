@@ -246,6 +246,7 @@ def align_one(task: tuple[str, dict, int, int]) -> dict:
             "score_notes": n, "perf_notes": len(perf), "paired": paired,
             "from_match": int(res["from_match"].sum()),
             "match_pairs_in_file": res.get("pairs_in_file", 0),
+            "match_snotes_in_file": res.get("snotes_in_file", 0),
             "matched_pct": round(100 * paired / n, 2),
             "from_match_pct": round(100 * res["from_match"].sum() / n, 2),
             "interpolated_pct": round(100 * sum(s.n_interpolated for s in segs) / max(kept, 1), 2),
@@ -329,6 +330,10 @@ def summarise(reports: list[dict], n_quarantined: int, seconds: float) -> dict:
             "pooled_paired_pct_match_perfs": round(100 * sum(r["paired"] for r in m) / m_notes, 2),
             "pooled_from_match_pct": round(100 * sum(r["from_match"] for r in m) / m_notes, 2),
             "match_pairs_mapped_pct": round(100 * sum(r["from_match"] for r in m) / m_file, 2),
+            # the annotation's own ceiling: the share of its score notes it pairs at all
+            "match_files_own_paired_pct": round(
+                100 * sum(r["match_pairs_in_file"] for r in m)
+                / max(sum(r.get("match_snotes_in_file", 0) for r in m), 1), 2),
             "located_by_scores": sum(r.get("located_by") == "scores" for r in m),
             "pooled_paired_pct_robust_match_perfs": round(
                 100 * sum(r["paired"] for r in robust)

@@ -296,8 +296,9 @@ def match_align(score: midi.Notes, perf: midi.Notes, match: Match, score_beats=N
     Returns {'idx': perf index per score note (-1 unpaired), 'from_match': bool mask of pairs
     taken from the match file, 'snotes_located': fraction of match score notes found in the
     score, 'perf_located': fraction of match performed notes found in the performance MIDI,
-    'located_by': 'performance' | 'scores' | 'given', 'auto': the automatic aligner's own
-    result, 'warp': its warp}.
+    'located_by': 'performance' | 'scores' | 'given', 'pairs_in_file' / 'snotes_in_file': the
+    match file's own pairs and score notes (their ratio is the share of its score notes the
+    annotators found performed), 'auto': the automatic aligner's own result, 'warp': its warp}.
     """
     perf_of = assign_by_pitch(match.perf_pitch, match.perf_onset, perf.pitch, perf.onset,
                               PERF_GATE_MS)
@@ -314,5 +315,6 @@ def match_align(score: midi.Notes, perf: midi.Notes, match: Match, score_beats=N
         alt = _pairs_through(score, perf, match, q, auto, scores) if len(scores[0]) > 1 else None
         if alt is not None and (alt["idx"] >= 0).sum() > (res["idx"] >= 0).sum():
             res = {**alt, "located_by": "scores"}
-    return {**res, "pairs_in_file": int(has.sum()), "auto": auto, "warp": how,
+    return {**res, "pairs_in_file": int(has.sum()), "snotes_in_file": len(has), "auto": auto,
+            "warp": how,
             "perf_located": float((perf_of >= 0).mean()) if len(perf_of) else 1.0}

@@ -123,6 +123,7 @@ def test_match_align_recovers_pairs():
         np.testing.assert_array_equal(res["idx"], truth)
         assert res["from_match"].sum() == len(score) - len(drop)
         assert res["snotes_located"] == 1.0 and res["perf_located"] == 1.0
+        assert (res["pairs_in_file"], res["snotes_in_file"]) == (len(score) - len(drop), len(score))
 
 
 def test_match_align_score_with_unplayed_repeat():
@@ -287,6 +288,11 @@ def test_build_sft_cli_end_to_end(tmp_path):
     assert [r.get("source") for r in report] == ["match", "auto", "match", None]
     assert report[0]["matched_pct"] == 100.0 and report[1]["warp"] == "beats"
     assert "Work1/B.mid" in (outs[0] / "quarantine.jsonl").read_text()
+    summary = json.loads((outs[0] / "summary.json").read_text())
+    m = [r for r in report if r.get("source") == "match"]
+    assert all(r["match_snotes_in_file"] >= r["match_pairs_in_file"] > 0 for r in m)
+    assert summary["match_files_own_paired_pct"] == round(
+        100 * sum(r["match_pairs_in_file"] for r in m) / sum(r["match_snotes_in_file"] for r in m), 2)
     split = json.loads((outs[0] / "split.json").read_text())
     val_lines = (outs[0] / "val_pieces.txt").read_text().splitlines()
     assert len(val_lines) == 2 and val_lines[1].startswith(split["val_folders"][0])
