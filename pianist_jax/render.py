@@ -338,21 +338,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import warnings
 
-    warnings.simplefilter("ignore", midi.MidiWarning)
     import jax
 
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    try:
-        summary = render_files(args)
-    except RenderError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. the output became unwritable mid-run
-        print(f"error: {getattr(err, 'filename', '') or ''}: {err.strerror or err}",
-              file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # restored afterwards (main is also called in-process)
+        warnings.simplefilter("ignore", midi.MidiWarning)
+        # one line per warning, like the error lines (not Python's file:line + source echo)
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}",
+                                                               file=sys.stderr)
+        try:
+            summary = render_files(args)
+        except RenderError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # e.g. the output became unwritable mid-run
+            print(f"error: {getattr(err, 'filename', '') or ''}: {err.strerror or err}",
+                  file=sys.stderr)
+            return 2
     print(summary, file=sys.stderr)
     return 0
 

@@ -29,7 +29,8 @@ Why it is shaped this way (measured on a 2-core CPU, `bench/render_bench.py`):
   of widening them (base bfloat16 batch 8: 127 -> 167 notes/s on a 2-core Zen 4). Top-p
   draws go through a native kernel (the same rule as `sample`).
 - Logits are computed only over the slot's valid id range (velocity 128, time 5000, pedal 128
-  rows), from output tables sliced (and, off the kernels, transposed) once per window.
+  rows), from output tables sliced (and, off the kernels, transposed) once per window; what
+  may be drawn is `RENDER_RANGES` (IOI up to 4990 ms, velocity 1..127).
 - The window is decoded in segments of 128 notes (1024 tokens); segment ``m`` carries a cache
   buffer of only the ``(m + 1) * 1024`` tokens it can see, so a note near the start of a
   window reads little cache.
@@ -63,8 +64,8 @@ from flax import nnx
 
 from pianist_jax import native_kernels
 from pianist_jax.layers import _NEG, is_sliding, rope_tables, rotate, softcap, window_mask
-from pianist_jax.tokenizer import (BOS, MAX_IOI_MS, PEDAL_START, TIME_START, TOKENS_PER_NOTE,
-                                   VELOCITY_START)
+from pianist_jax.tokenizer import (BOS, PEDAL_START, RENDER_RANGES, TIME_START,
+                                   TOKENS_PER_NOTE, VELOCITY_START)
 
 SEGMENT_NOTES = 128  # cache chunk: 1024 tokens (64 compiles slower for ~no gain)
 
@@ -367,14 +368,17 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
         uniforms = _uniforms(row_keys, first_note, notes)  # [B, notes, 8], drawn up front
         rope = rope_tables(jnp.arange(tokens)[None], cfg.head_dim, cfg.rope_theta, dtype)
 
-        def pick(x, kind: str, note_index, slot: int, n_valid: int):
-            """Sample one slot's id from the final hidden state ``x [B, H]``."""
+        def pick(x, kind: str, note_index, slot: int):
+            """Sample one slot's id from the final hidden state ``x [B, H]``, within the
+            slot's `RENDER_RANGES` (e.g. IOI: time ids up to 4990 ms; velocity: not 0)."""
             logits = (_mv(x, out_tables[kind], AMX if layout == AMX else NATIVE) if native else
                       jnp.einsum("bh,hn->bn", x, out_tables[kind],
                                  preferred_element_type=jnp.float32))
             logits = softcap(logits, cfg.final_logit_softcap)
-            if n_valid < logits.shape[-1]:  # IOI: the time ids past 4990 ms are not valid
-                logits = jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, -jnp.inf)
+            lo, hi = (int(v) - offsets[kind] for v in RENDER_RANGES[slot])
+            if lo > 0 or hi < logits.shape[-1]:
+                index = jnp.arange(logits.shape[-1])
+                logits = jnp.where((index >= lo) & (index < hi), logits, -jnp.inf)
             u = jax.lax.dynamic_index_in_dim(uniforms, note_index, 1, False)[:, slot]
             return sample(logits, u, temperature, top_p, native) + offsets[kind]
 
@@ -410,13 +414,13 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
                 x, seg = _decoder_step(model, fused, layout,
                                        jnp.stack([last, pitch[:, j]], axis=1), pos, cross, seg,
                                        rope, sd_keys)
-                row = [pitch[:, j], pick(x, "time", j, 1, MAX_IOI_MS + 1)]
+                row = [pitch[:, j], pick(x, "time", j, 1)]
                 for s in range(2, TOKENS_PER_NOTE):  # velocity, duration, pedal 1-4
                     x, seg = _decoder_step(model, fused, layout,
                                            row[-1][:, None].astype(out.dtype), pos + s, cross, seg,
                                            rope, sd_keys)
                     kind = "velocity" if s == 2 else "time" if s == 3 else "pedal"
-                    row.append(pick(x, kind, j, s, 5000 if s == 3 else 128))
+                    row.append(pick(x, kind, j, s))
                 row = jnp.stack([r.astype(out.dtype) for r in row], axis=1)
                 out = jax.lax.dynamic_update_slice_in_dim(out, row[:, None], j, 1)
                 return j + 1, seg, row[:, -1], out

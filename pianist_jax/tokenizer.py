@@ -31,6 +31,10 @@ SLOT_RANGES = np.array(
      (VELOCITY_START, VELOCITY_START + 128),
      (TIME_START, TIME_START + 5000)] + [(PEDAL_START, PEDAL_START + 128)] * 4,
     dtype=np.int64)
+# What a rendering may sample per slot: the valid ranges, less velocity 0. A MIDI note_on with
+# velocity 0 is a note_off, so no performed note has it (the bundled model still drew it for 2
+# of 2,311 notes of a Chopin etude, which the MIDI writer then had to play at velocity 1).
+RENDER_RANGES = SLOT_RANGES + np.array([[0, 0]] * VELOCITY + [[1, 0]] + [[0, 0]] * 5)
 _SLOT_OFFSET = np.array([PITCH_START, TIME_START, VELOCITY_START, TIME_START] + [PEDAL_START] * 4)
 
 

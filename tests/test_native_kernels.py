@@ -280,7 +280,7 @@ def test_bfloat16_renderer_on_the_kernels(tmp_path):
 
     from pianist_jax import render_core
     from pianist_jax.render import Renderer
-    from pianist_jax.tokenizer import SLOT_RANGES
+    from pianist_jax.tokenizer import RENDER_RANGES
 
     scores = tiny_scores(tmp_path, [150, 60])
     r = Renderer(tmp_path / "tiny", dtype="bfloat16", native=True, window=128, shift=64)
@@ -293,7 +293,7 @@ def test_bfloat16_renderer_on_the_kernels(tmp_path):
     for got, score in zip(batch, scores):
         notes = got.reshape(-1, 8)
         np.testing.assert_array_equal(notes[:, 0], score.reshape(-1, 8)[:, 0])
-        for s, (lo, hi) in enumerate(SLOT_RANGES):
+        for s, (lo, hi) in enumerate(RENDER_RANGES):
             assert ((notes[:, s] >= lo) & (notes[:, s] < hi)).all()
     again = r.render_ids(scores, [4, 5])
     for a, b in zip(batch, again):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pianist_jax import export, midi, render, render_core, tokenizer
+from pianist_jax import export, midi, render, render_core, tempo_map, tokenizer
 from pianist_jax.config import load_config
 from pianist_jax.model import PianistTransformer
-from pianist_jax.tokenizer import BOS, SLOT_RANGES
+from pianist_jax.tokenizer import BOS, RENDER_RANGES, SLOT_RANGES, VELOCITY, VELOCITY_START
 
 WINDOW, SHIFT = 128, 64
 
@@ -90,8 +90,25 @@ def test_greedy_window_equals_full_forward(tiny_model):
         for j in range(prime, n_notes[r]):
             assert out[r, 8 * j] == enc[r, 8 * j]
             for s in range(1, 8):
-                lo, hi = SLOT_RANGES[s]
+                lo, hi = RENDER_RANGES[s]
                 assert out[r, 8 * j + s] == lo + np.argmax(logits[r, 8 * j + s, lo:hi])
+
+
+def test_hot_sampling_never_draws_velocity_zero(tiny_model):
+    """At a temperature that makes every velocity about equally likely, 1,024 draws cover the
+    range but never velocity 0 (a MIDI note_off): the renderer samples `RENDER_RANGES`."""
+    _, model = tiny_model
+    gd, params = nnx.split(model)
+    rng = np.random.default_rng(1)
+    b, notes = 4, 256
+    enc = np.stack([np.stack([rng.integers(lo, hi, notes) for lo, hi in SLOT_RANGES], 1)
+                    .reshape(-1) for _ in range(b)]).astype(np.int32)
+    fn = jax.jit(render_core.make_window_fn(gd, notes, 0))
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(b))
+    out = np.asarray(fn(params, enc, np.zeros((b, 0), np.int32), np.full(b, notes, np.int32),
+                        keys, jnp.zeros(b, jnp.int32), jnp.full(b, 50.0), jnp.ones(b)))
+    velocity = out.reshape(b, notes, 8)[:, :, VELOCITY] - VELOCITY_START
+    assert velocity.min() >= 1 and len(np.unique(velocity)) > 100
 
 
 def test_sample_respects_top_p_and_temperature():
@@ -203,6 +220,25 @@ def test_bad_input_one_line_no_traceback(tiny_model, tmp_path, capsys, case):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
     assert not (tmp_path / "o.mid").exists()
+
+
+def test_warnings_are_one_line_each(tmp_path, capsys, monkeypatch):
+    """A warning during a render prints as one ``warning:`` line (no file:line, no source
+    echo), and the caller's warning settings are back afterwards."""
+    import warnings
+
+    def fake_render(args):
+        warnings.warn("score.mid: 3 negative rendered times clamped to 0 ms",
+                      tempo_map.TempoMapWarning)
+        return "rendered 0 notes"
+
+    monkeypatch.setattr(render, "render_files", fake_render)
+    before = warnings.showwarning
+    assert render.main([str(tmp_path / "score.mid"), "--compilation-cache", ""]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: score.mid: 3 negative rendered times clamped to 0 ms",
+                   "rendered 0 notes"]
+    assert warnings.showwarning is before
 
 
 def test_decoding_keeps_score_structure(tiny_model):
