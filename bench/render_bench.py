@@ -95,12 +95,17 @@ def native_note() -> str:
     return f"native kernels: {native_kernels.isa()} build" if ok else f"no native kernels: {why}"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_case_args(p: argparse.ArgumentParser) -> None:
+    """The cases a render bench covers (also `render_floor`'s, so the two tables line up)."""
     p.add_argument("--models", nargs="+", default=["base", "small"])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--notes", type=int, default=500)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_case_args(p)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
 

@@ -126,16 +126,13 @@ def floor(work: dict, machine: dict) -> dict:
 
 
 def main() -> None:
+    from render_bench import add_case_args, cpu_name, native_note
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["base", "small"])
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--notes", type=int, default=500)
+    add_case_args(p)
     args = p.parse_args()
     if not 0 < args.notes <= 512:
         p.error("--notes must be 1..512 (one window)")
-
-    from render_bench import cpu_name, native_note
 
     from pianist_jax.config import load_config
 
