@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "parallel.h"
@@ -304,6 +305,8 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* k
       for (int64_t d = 0; d < D; ++d)
         qs[(t * g + j) * D + d] = scale * q[((b * sh.T + t) * sh.H + kv * g + j) * D + d];
   logits(qs, K, L, G, D, end, end8);
+  // the values' first rows are on their way while the softmax below computes
+  prefetch(V, std::min(end, kAhead) * D * int64_t{sizeof(E)});
   for (int64_t i = 0; i < G; ++i) {
     float* li = L + i * end8;
     const bool* mrow = mk + (i / g) * S;
@@ -313,20 +316,30 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* k
       total[i] = static_cast<float>(end);
       continue;
     }
-    float m = -FLT_MAX;
+    __m256 mv = _mm256_set1_ps(-FLT_MAX);
+    const __m256 lowest = _mm256_set1_ps(-FLT_MAX);
     for (int64_t s = 0; s < end8; s += 8) {
       __m256 x = _mm256_loadu_ps(li + s);
       if (cap > 0.0f)
         x = _mm256_mul_ps(tanh256(_mm256_mul_ps(x, _mm256_set1_ps(1.0f / cap))),
                           _mm256_set1_ps(cap));
-      alignas(32) float tmp[8];
-      _mm256_store_ps(tmp, x);
-      for (int k = 0; k < 8; ++k)
-        if (s + k >= end || !mrow[s + k]) tmp[k] = -FLT_MAX;
-      x = _mm256_load_ps(tmp);
+      if (s + 8 <= end) {  // 8 mask bytes at once: hidden positions -> -FLT_MAX
+        int64_t bytes;
+        std::memcpy(&bytes, mrow + s, 8);
+        const __m256i hidden = _mm256_cmpeq_epi32(
+            _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes)), _mm256_setzero_si256());
+        x = _mm256_blendv_ps(x, lowest, _mm256_castsi256_ps(hidden));
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, x);
+        for (int k = 0; k < 8; ++k)
+          if (s + k >= end || !mrow[s + k]) tmp[k] = -FLT_MAX;
+        x = _mm256_load_ps(tmp);
+      }
       _mm256_storeu_ps(li + s, x);
-      m = std::max(m, hmax(x));
+      mv = _mm256_max_ps(mv, x);
     }
+    const float m = hmax(mv);
     __m256 sum = _mm256_setzero_ps();
     for (int64_t s = 0; s < end8; s += 8) {
       const __m256 x = _mm256_loadu_ps(li + s);
