@@ -74,7 +74,7 @@ def measure_machine(hidden: int, mlp: int, rounds: int = 6) -> dict:
         for key, cases in (("stream", streams), ("compute", computes)):
             for work, fn, args, inner in cases:
                 best[key] = max(best[key], work / _best(fn, *args, repeats=3, inner=inner))
-    return {**best, "native": native}
+    return best
 
 
 def layer_macs(cfg) -> dict:

@@ -333,7 +333,7 @@ def summarise(reports: list[dict], n_quarantined: int, seconds: float) -> dict:
             # the annotation's own ceiling: the share of its score notes it pairs at all
             "match_files_own_paired_pct": round(
                 100 * sum(r["match_pairs_in_file"] for r in m)
-                / max(sum(r.get("match_snotes_in_file", 0) for r in m), 1), 2),
+                / max(sum(r["match_snotes_in_file"] for r in m), 1), 2),
             "located_by_scores": sum(r.get("located_by") == "scores" for r in m),
             "pooled_paired_pct_robust_match_perfs": round(
                 100 * sum(r["paired"] for r in robust)

@@ -76,6 +76,8 @@ CACHED_BYTES = 32 << 20  # single-row decoding keeps [in, out] matrices up to th
 # native kernel, or packed for the AMX tile kernel as (tiles, out features)
 IN_OUT, OUT_IN, NATIVE, AMX = "in_out", "out_in", "out_in_native", "amx"
 MAX_NATIVE_ROWS = 16  # the native kernel re-reads the matrix once per 8 rows
+# the output table each sampled slot draws from: IOI and duration share the time ids
+SLOT_TABLES = (None, "time", "velocity", "time", "pedal", "pedal", "pedal", "pedal")
 
 
 def _mv(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
@@ -368,9 +370,10 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
         uniforms = _uniforms(row_keys, first_note, notes)  # [B, notes, 8], drawn up front
         rope = rope_tables(jnp.arange(tokens)[None], cfg.head_dim, cfg.rope_theta, dtype)
 
-        def pick(x, kind: str, note_index, slot: int):
+        def pick(x, note_index, slot: int):
             """Sample one slot's id from the final hidden state ``x [B, H]``, within the
             slot's `RENDER_RANGES` (e.g. IOI: time ids up to 4990 ms; velocity: not 0)."""
+            kind = SLOT_TABLES[slot]
             logits = (_mv(x, out_tables[kind], AMX if layout == AMX else NATIVE) if native else
                       jnp.einsum("bh,hn->bn", x, out_tables[kind],
                                  preferred_element_type=jnp.float32))
@@ -414,13 +417,12 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
                 x, seg = _decoder_step(model, fused, layout,
                                        jnp.stack([last, pitch[:, j]], axis=1), pos, cross, seg,
                                        rope, sd_keys)
-                row = [pitch[:, j], pick(x, "time", j, 1)]
+                row = [pitch[:, j], pick(x, j, 1)]
                 for s in range(2, TOKENS_PER_NOTE):  # velocity, duration, pedal 1-4
                     x, seg = _decoder_step(model, fused, layout,
                                            row[-1][:, None].astype(out.dtype), pos + s, cross, seg,
                                            rope, sd_keys)
-                    kind = "velocity" if s == 2 else "time" if s == 3 else "pedal"
-                    row.append(pick(x, kind, j, s))
+                    row.append(pick(x, j, s))
                 row = jnp.stack([r.astype(out.dtype) for r in row], axis=1)
                 out = jax.lax.dynamic_update_slice_in_dim(out, row[:, None], j, 1)
                 return j + 1, seg, row[:, -1], out

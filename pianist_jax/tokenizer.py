@@ -34,7 +34,8 @@ SLOT_RANGES = np.array(
 # What a rendering may sample per slot: the valid ranges, less velocity 0. A MIDI note_on with
 # velocity 0 is a note_off, so no performed note has it (the bundled model still drew it for 2
 # of 2,311 notes of a Chopin etude, which the MIDI writer then had to play at velocity 1).
-RENDER_RANGES = SLOT_RANGES + np.array([[0, 0]] * VELOCITY + [[1, 0]] + [[0, 0]] * 5)
+RENDER_RANGES = SLOT_RANGES.copy()
+RENDER_RANGES[VELOCITY, 0] += 1
 _SLOT_OFFSET = np.array([PITCH_START, TIME_START, VELOCITY_START, TIME_START] + [PEDAL_START] * 4)
 
 

@@ -316,8 +316,8 @@ void one_pair(const Shape& sh, int64_t b, int64_t kv, const float* q, const E* k
       total[i] = static_cast<float>(end);
       continue;
     }
-    __m256 mv = _mm256_set1_ps(-FLT_MAX);
     const __m256 lowest = _mm256_set1_ps(-FLT_MAX);
+    __m256 mv = lowest;
     for (int64_t s = 0; s < end8; s += 8) {
       __m256 x = _mm256_loadu_ps(li + s);
       if (cap > 0.0f)
