@@ -1,7 +1,7 @@
 """Objective evaluation (PAPER_NOTES §5): pooled feature histograms, rendering vs humans.
 
-    python -m pianist_jax.evaluate --pred DIR --human DIR [--out DIR] [--label NAME]
-        [--weight-by-humans]
+    python -m pianist_jax.evaluate --pred DIR --human DIR [--scores DIR] [--out DIR]
+        [--label NAME] [--weight-by-humans]
 
 `PRED/<piece>.mid` are renderings, `HUMAN/<piece>-<k>.mid` the human performances of the same
 piece (`.midi` too, suffix case ignored).  A human file's piece is its name up to the LAST '-'
@@ -32,6 +32,10 @@ With `--weight-by-humans` a round's candidate counts n-1 times, like a rendering
 Scores: Jensen-Shannon *distance* `jensenshannon(p, q, base=2)` (0 identical .. 1 disjoint) and
 histogram intersection `sum(min(p, q))` (1 identical .. 0 disjoint); "overall" is the mean of
 the 4 dimensions.  A side with no value in range makes that dimension (and overall) NaN.
+
+`--scores DIR` (`SCORES/<piece>.mid`, the scores that were rendered) adds the note-level judge
+(`pianist_jax.note_eval`): velocity, local-tempo and articulation r and pedal agreement with
+the humans note by note, beside the deadpan score and the human ceiling.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.spatial.distance import jensenshannon
 
-from pianist_jax import midi, tokenizer as tk
+from pianist_jax import midi, note_eval, tokenizer as tk
 
 DIMENSIONS = ("velocity", "duration", "ioi", "pedal")
 # dimension -> (number of bins, lo, hi, axis label); bins are [lo, hi) in equal steps
@@ -222,9 +226,10 @@ def _jsonable(x):
 
 def evaluate_dirs(pred, human, out=None, label: str | None = None,
                   weight_by_humans: bool = False,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  log: Callable[[str], None] | None = None, scores=None) -> dict:
     """Evaluate `pred` against `human`; writes OUT/metrics.json and OUT/<dim>.png (OUT
     defaults to PRED/eval; `out=False` writes nothing).  Returns the metrics dict.
+    `scores`: the rendered scores' directory, for the note-level judge (metrics["notes"]).
     Raises `EvaluationError` for user errors."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     pred, human = Path(pred), Path(human)
@@ -283,6 +288,7 @@ def evaluate_dirs(pred, human, out=None, label: str | None = None,
         "histograms": {d: {side: h[d] for side, h in hist.items()} for d in DIMENSIONS},
         "skipped": skipped,
         "human_pieces_without_prediction": unrendered,
+        "notes": None if scores is None else _note_level(pieces, pred_files, takes, scores, log),
     }
     metrics = _jsonable(metrics)
     if out is not False:
@@ -292,6 +298,17 @@ def evaluate_dirs(pred, human, out=None, label: str | None = None,
         plot_histograms(metrics, out)
         metrics["out_dir"] = str(out)
     return metrics
+
+
+def _note_level(pieces, pred_files, takes, scores, log) -> dict:
+    score_files = _midi_files(Path(scores), "--scores", log)
+    items = [(p, pred_files[p], score_files[p], takes[p]) for p in pieces if p in score_files]
+    if missing := [p for p in pieces if p not in score_files]:
+        log(f"warning: no score {scores}/<piece>.mid for {len(missing)} piece(s) "
+            f"({', '.join(missing[:3])}...): left out of the note-level judge")
+    if not items:
+        raise EvaluationError(f"--scores {scores}: no score for any evaluated piece")
+    return note_eval.evaluate(items, log)
 
 
 def plot_histograms(metrics: dict, out: Path) -> list[Path]:
@@ -359,7 +376,10 @@ def format_table(metrics: dict) -> str:
         info += f"; baseline over {metrics['human_baseline']['n_pieces']} pieces with >= 2 humans"
     else:
         info += "; no piece has >= 2 humans, so no human baseline"
-    return "\n".join([head, sub, *rows, info])
+    lines = [head, sub, *rows, info]
+    if metrics.get("notes"):
+        lines += ["", note_eval.format_table(metrics["notes"], metrics["label"])]
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pred", required=True, help="renderings: PRED/<piece>.mid")
     ap.add_argument("--human", required=True, help="human performances: HUMAN/<piece>-<k>.mid")
+    ap.add_argument("--scores", help="the rendered scores: SCORES/<piece>.mid (adds the "
+                    "note-level judge)")
     ap.add_argument("--out", help="output directory (default PRED/eval)")
     ap.add_argument("--label", help="name of the prediction column (default: PRED's name)")
     ap.add_argument("--weight-by-humans", action="store_true",
@@ -378,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         metrics = evaluate_dirs(args.pred, args.human, args.out, args.label,
-                                args.weight_by_humans)
+                                args.weight_by_humans, scores=args.scores)
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
