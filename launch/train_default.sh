@@ -353,11 +353,11 @@ stop_here render
 for s in "${seeds[@]}"; do
   stage "evaluate-seed$s" --clean "$work/eval/metrics/seed$s" -- \
     "$py" -m pianist_jax.evaluate --pred "$work/eval/pred/seed$s" --human "$work/eval/human" \
-    --out "$work/eval/metrics/seed$s" --label "seed$s"
+    --scores "$work/eval/scores" --out "$work/eval/metrics/seed$s" --label "seed$s"
 done
 stage evaluate-deadpan --clean "$work/eval/metrics/deadpan" -- \
   "$py" -m pianist_jax.evaluate --pred "$work/eval/scores" --human "$work/eval/human" \
-  --out "$work/eval/metrics/deadpan" --label deadpan
+  --scores "$work/eval/scores" --out "$work/eval/metrics/deadpan" --label deadpan
 stop_here evaluate
 
 # The card is rewritten on every invocation (cheap), so it always holds the latest times.

@@ -58,6 +58,12 @@ class ModelConfig:
     # parameters either way; only the loss (and flops_per_token) changes. false = softmax
     # over the full vocabulary.
     slot_logits: bool = False
+    # Each decoder token also receives the encoder state of the score note it performs (note
+    # p // 8 for position p), added to its input embedding. Cross-attention carries no
+    # position, so without this the decoder must find "its" note by content alone, which a
+    # small model trained briefly does not learn: it then ignores the score's dynamics and
+    # tempo. No extra parameters; false = the reference architecture (reference weights).
+    note_conditioning: bool = False
     dtype: DType = "bfloat16"  # activations / matmuls
     param_dtype: DType = "float32"  # stored parameters and optimizer state
 

@@ -98,9 +98,11 @@ class Decoder(nnx.Module):
         """Per-layer cross-attention keys/values: computed once per encoded window."""
         return [layer.cross_attn.keys_values(enc_states, None) for layer in self.layers]
 
-    def __call__(self, ids, cross_kv, enc_mask, cache=None, vocab_slice=None, attend_len=None):
+    def __call__(self, ids, cross_kv, enc_mask, cache=None, vocab_slice=None, attend_len=None,
+                 note_states=None):
         """Logits ``[B, T, vocab]`` (or the ``vocab_slice`` rows) in float32 and the new cache."""
-        x, table, new_cache = self.hidden(ids, cross_kv, enc_mask, cache, attend_len)
+        x, table, new_cache = self.hidden(ids, cross_kv, enc_mask, cache, attend_len,
+                                          note_states)
         if vocab_slice is not None:  # only the rows a token slot can take (renderer)
             table = table[vocab_slice[0]:vocab_slice[1]]
         return self.project(x, table), new_cache
@@ -111,7 +113,23 @@ class Decoder(nnx.Module):
         logits = jnp.einsum("...m,vm->...v", x, table, preferred_element_type=jnp.float32)
         return softcap(logits, self.cfg.final_logit_softcap)
 
-    def hidden(self, ids, cross_kv, enc_mask, cache=None, attend_len=None):
+    def embed(self, ids: jax.Array, positions: jax.Array, note_states=None,
+              table=None) -> jax.Array:
+        """Input states of ``ids [B, T]`` at token ``positions [T]``: the scaled embedding
+        (rows of ``table``, default the stored one), plus (``note_conditioning``) the encoder
+        state of note ``position // 8`` from ``note_states [B, N, H]``."""
+        cfg, dtype = self.cfg, self.cfg.dtype
+        table = self.embed_tokens[...] if table is None else table
+        x = jnp.take(table, ids, axis=0) * jnp.asarray(math.sqrt(cfg.hidden), dtype)
+        if cfg.note_conditioning:
+            if note_states is None:
+                raise ValueError("model.note_conditioning needs the encoder states "
+                                 "(note_states) in the decoder")
+            note = jnp.minimum(positions // SLOTS_PER_NOTE, note_states.shape[1] - 1)
+            x = x + jnp.take(note_states, note, axis=1).astype(x.dtype)
+        return x
+
+    def hidden(self, ids, cross_kv, enc_mask, cache=None, attend_len=None, note_states=None):
         """Final-norm'd states ``[B, T, H]`` (compute dtype), the embedding table as used in
         matmuls (compute dtype, `use_weight`), and the new cache (None without one)."""
         cfg, dtype = self.cfg, self.cfg.dtype
@@ -129,8 +147,7 @@ class Decoder(nnx.Module):
         cross_mask = enc_mask[:, None, :]
         positions = jnp.broadcast_to(q_pos, (b, t))
         table = use_weight(self.embed_tokens, dtype)
-        x = jnp.take(table, ids, axis=0)
-        x = constrain(x * jnp.asarray(math.sqrt(cfg.hidden), dtype), "batch", "length", None)
+        x = constrain(self.embed(ids, q_pos, note_states, table), "batch", "length", None)
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache["layers"][i]
@@ -164,12 +181,13 @@ class PianistTransformer(nnx.Module):
         ``cache["index"] + T <= attend_len`` (the renderer's note segments)."""
         if cache is None:
             cross = self.decoder.cross_kv(enc_states)
-            logits, _ = self.decoder(jnp.asarray(decoder_ids), cross, enc_mask, None, vocab_slice)
+            logits, _ = self.decoder(jnp.asarray(decoder_ids), cross, enc_mask, None, vocab_slice,
+                                     note_states=enc_states)
             return logits
         cross = [(layer["ck"], layer["cv"]) for layer in cache["cross"]]
         self_cache = {"index": cache["index"], "layers": cache["layers"]}
         logits, new = self.decoder(jnp.asarray(decoder_ids), cross, enc_mask, self_cache,
-                                   vocab_slice, attend_len)
+                                   vocab_slice, attend_len, enc_states)
         return logits, {**cache, "index": new["index"], "layers": new["layers"]}
 
     def init_cache(self, enc_states: jax.Array, max_length: int, dtype=None) -> dict:
@@ -207,7 +225,7 @@ class PianistTransformer(nnx.Module):
         b, t = ids.shape
         if t % SLOTS_PER_NOTE:
             raise ValueError(f"decoder ids length {t} is not a multiple of {SLOTS_PER_NOTE}")
-        x, table, _ = decoder.hidden(ids, decoder.cross_kv(states), mask)
+        x, table, _ = decoder.hidden(ids, decoder.cross_kv(states), mask, note_states=states)
         x = constrain(x.reshape(b, t // SLOTS_PER_NOTE, SLOTS_PER_NOTE, x.shape[-1]),
                       "batch", "notes", None, None)
         out = []

@@ -197,19 +197,20 @@ def fuse_weights(model, rows: int, native: bool = False) -> tuple[list[dict], st
     return fused, (NATIVE if native else OUT_IN) if transposed else IN_OUT
 
 
-def _decoder_step(model, fused, layout, ids, pos0, cross, cache, rope, native=False):
+def _decoder_step(model, fused, layout, ids, pos0, cross, cache, rope, native=False,
+                  note_states=None):
     """Run the decoder on ``ids [B, T]`` at positions ``pos0 ..``; writes their keys/values into
     ``cache`` (list per layer of ``(keys [B*K, D, S], values [B*K, S, D])``, position 0 first;
     keys ``[B*K, S, D]`` when ``native``: see `native_attention`). ``rope``: the window's
     rotary tables (cos, sin ``[1, tokens, 1, D]``), made once: computed at every step, XLA
     evaluated cos and sin again for every element of the rotated queries and keys.
+    ``note_states``: the window's encoder states (``model.note_conditioning``).
     Returns the final hidden state of the last token ``[B, H]`` and the updated cache."""
     dec, cfg = model.decoder, model.cfg
     b, t = ids.shape
     q_pos = pos0 + jnp.arange(t)
     cos, sin = (jax.lax.dynamic_slice_in_dim(r, pos0, t, axis=1) for r in rope)
-    x = jnp.take(dec.embed_tokens[...], ids, axis=0) * jnp.asarray(math.sqrt(cfg.hidden),
-                                                                   cfg.dtype)
+    x = dec.embed(ids, q_pos, note_states)
     new_cache = []
     for i, layer in enumerate(dec.layers):
         window = cfg.sliding_window if is_sliding(i) else None
@@ -389,7 +390,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
         cache = model.init_cache(states, tokens, kv_dtype)
         if prime_notes:  # BOS + the prime except its last token (it goes in with the next pitch)
             ids = jnp.concatenate([jnp.full((b, 1), BOS, prime.dtype), prime[:, :-1]], axis=1)
-            _, cache = model.decode(ids, None, enc_mask, cache, vocab_slice=(0, 1),
+            _, cache = model.decode(ids, states, enc_mask, cache, vocab_slice=(0, 1),
                                     attend_len=prime_len)
             last = prime[:, -1]
         else:
@@ -416,12 +417,12 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
                 pos = j * TOKENS_PER_NOTE
                 x, seg = _decoder_step(model, fused, layout,
                                        jnp.stack([last, pitch[:, j]], axis=1), pos, cross, seg,
-                                       rope, sd_keys)
+                                       rope, sd_keys, states)
                 row = [pitch[:, j], pick(x, j, 1)]
                 for s in range(2, TOKENS_PER_NOTE):  # velocity, duration, pedal 1-4
                     x, seg = _decoder_step(model, fused, layout,
                                            row[-1][:, None].astype(out.dtype), pos + s, cross, seg,
-                                           rope, sd_keys)
+                                           rope, sd_keys, states)
                     row.append(pick(x, j, s))
                 row = jnp.stack([r.astype(out.dtype) for r in row], axis=1)
                 out = jax.lax.dynamic_update_slice_in_dim(out, row[:, None], j, 1)

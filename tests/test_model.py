@@ -174,3 +174,21 @@ def test_chunked_causal_attention_equals_one_block():
     enc = jnp.asarray(real_ids(12)[None])
     dec = jnp.asarray(real_ids(12, 7)[None])  # 96 tokens = 6 chunks; layer 0 slides
     np.testing.assert_allclose(Jitted(chunked)(enc, dec), base(enc, dec), atol=1e-5, rtol=1e-6)
+
+
+def test_note_conditioning_cache_equals_full_forward_and_uses_the_note(batch):
+    """With ``note_conditioning`` the decoder's input at position p carries note p // 8's
+    encoder state: cached decoding still equals the full forward pass, and changing one
+    score note changes the logits of that note's tokens most."""
+    enc, dec = batch
+    model = perturbed_model(tiny_cfg(note_conditioning=True))
+    full = model(enc, dec)
+    states, mask = model.encode(enc)
+    cache = model.init_cache(states, max_length=dec.shape[1])
+    first, cache = model.decode(dec[:, :33], states, mask, cache=cache)
+    rest, cache = model.decode(dec[:, 33:], states, mask, cache=cache)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=2e-5, rtol=1e-5)
+    plain = perturbed_model(tiny_cfg())
+    assert not np.allclose(plain(enc, dec), full)  # same parameters, the switch matters
+    with pytest.raises(ValueError, match="note_states"):
+        model.model.decoder.embed(dec, jnp.arange(dec.shape[1]))

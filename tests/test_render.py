@@ -5,6 +5,7 @@ A tiny random model is exported once; windows of 128 notes (shift 64) keep compi
 while a 400-note score still spans 6 windows (the logic is the same as for 512/256).
 """
 
+import dataclasses
 import hashlib
 
 import jax
@@ -66,10 +67,14 @@ def test_plan_windows_cover_every_note_once():
         assert plan[-1].start + plan[-1].size >= n
 
 
-def test_greedy_window_equals_full_forward(tiny_model):
+@pytest.mark.parametrize("note_conditioning", [False, True])
+def test_greedy_window_equals_full_forward(tiny_model, note_conditioning):
     """Every sampled slot of a greedy (temperature 0) window, primed and with padded rows, is
     the argmax of the full model over that slot's valid range, fed the rendered tokens."""
     _, model = tiny_model
+    if note_conditioning:
+        cfg = dataclasses.replace(model.cfg, note_conditioning=True)
+        model = PianistTransformer(cfg, rngs=nnx.Rngs(3))
     gd, params = nnx.split(model)
     rng = np.random.default_rng(0)
     b, notes, prime = 2, 128, 38
