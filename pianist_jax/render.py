@@ -8,8 +8,9 @@ a file on the score's beat grid (`pianist_jax.tempo_map`).
 
 Every output note is a score note (pitch forcing): same count, same pitches, same order.
 Several files (or ``--variants`` of one) are rendered as one batch, window by window; each
-row samples with its own seed (file rows: ``--seed``; variant k: ``--seed + k``), so a row's
-rendering does not depend on what else is in the batch. Each (window size, prime) shape is
+row samples with its own seed (file rows: ``--seed``; variant k: ``--seed + k``) folded with a
+digest of its score (`row_key`), so a row's rendering does not depend on what else is in the
+batch, and two scores never share their random stream. Each (window size, prime) shape is
 compiled once, ahead of time, and kept in JAX's persistent compilation cache, so a second run
 of the same model skips compiling.
 """
@@ -21,6 +22,7 @@ import dataclasses
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +173,7 @@ class Renderer:
         b, longest = len(scores), max(counts)
         plan = plan_windows(longest, self.window, self.shift, self.tail)
         out = [np.zeros(n * TOKENS_PER_NOTE, np.int32) for n in counts]
-        keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(s))) for s in seeds])
+        keys = np.stack([row_key(ids, s) for ids, s in zip(scores, seeds)])
         temp = np.full(b, temperature, np.float32)
         topp = np.full(b, top_p, np.float32)
         for w in plan:
@@ -235,6 +237,16 @@ def _outputs(args, scores: list[Path]) -> list[list[Path]]:
                 raise RenderError(f"{name}: output directory {name.parent} does not exist")
         outs.append(names)
     return outs
+
+
+def row_key(score_ids: np.ndarray, seed: int) -> np.ndarray:
+    """The raw PRNG key of one rendering: ``seed`` folded with a CRC-32 of the score's ids.
+    With the seed alone every file of a batch drew the same numbers note by note, so the
+    noise, not the score, set (say) each note's loudness alike across pieces."""
+    import jax
+
+    digest = zlib.crc32(np.ascontiguousarray(score_ids, np.int32).tobytes()) & 0x7FFFFFFF
+    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(seed), digest)))
 
 
 def render_files(args) -> str:

@@ -254,3 +254,15 @@ def test_decoding_keeps_score_structure(tiny_model):
     perf[9] = tokenizer.TIME_START  # the model put the second note at IOI 0
     notes = tokenizer.decode_ids(perf, ids)
     assert notes.onset[1] - notes.onset[0] == tokenizer.MIN_RENDER_IOI_MS
+
+
+def test_each_score_gets_its_own_random_stream():
+    """The row key folds the seed with the score: the same score and seed give the same key,
+    another score (one velocity changed) or another seed a different one."""
+    ids = np.arange(80, dtype=np.int32) % 128 + VELOCITY_START
+    other = ids.copy()
+    other[2] += 1
+    key = render.row_key(ids, 0)
+    assert key.shape == (2,) and np.array_equal(key, render.row_key(ids.copy(), 0))
+    assert not np.array_equal(key, render.row_key(other, 0))
+    assert not np.array_equal(key, render.row_key(ids, 1))
