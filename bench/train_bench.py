@@ -4,6 +4,16 @@
     python bench/train_bench.py --model base --dtype bfloat16 --batch 16   # a GPU / TPU
     python bench/train_bench.py --model tiny --block 1024 --batch 8 --slot-logits \
         model.hidden=128 model.mlp=512 model.head_dim=32   # any config overrides after the flags
+    python bench/train_bench.py --vs-reference   # ours vs the PyTorch reference, same CPU
+
+``--vs-reference`` times the PyTorch reference (`transformers` T5Gemma with the note
+compression, `tests/reference_t5gemma.py`; `pip install -r requirements-reference.txt`) on the
+same synthetic batches: float32, full-vocabulary cross-entropy on the masked positions,
+``torch.optim.AdamW``, all CPU threads. The two alternate for ``--rounds`` rounds so that load
+from elsewhere on the machine hits both; the ratio of the medians is printed. Defaults for it:
+the reference's small configuration (hidden 256, 4 encoder / 2 decoder layers, MLP 1024, 4
+heads / 2 KV of 64), batch 4 x 1024, float32, full vocabulary. Without torch it says so and
+exits 0.
 
 MFU = flops_per_token(model, block) * tokens/s / peak FLOP/s, where `flops_per_token` is
 `pianist_jax.model.flops_per_token` (training = 3x forward matmul FLOPs, attention included,
@@ -16,7 +26,11 @@ Batches are synthetic (random valid tokens, 30% masked): this measures the step,
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +76,58 @@ def synthetic_batch(batch: int, block: int, seed: int = 0) -> dict:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+REFERENCE_SMALL = ["model=small", "model.encoder_layers=4", "model.dtype=float32",
+                   "model.slot_logits=false"]
+
+
+def time_steps(step, state, batch, steps: int):
+    """Seconds per step of ``state = step(state, batch)`` over ``steps`` steps."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - t0) / steps, state
+
+
+def reference_trainer(cfg, batch: dict, lr: float):
+    """(step function, state) of the PyTorch reference on ``batch``, or None without torch."""
+    try:
+        import torch
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests import reference_t5gemma as ref
+    except ImportError as err:
+        print(f"--vs-reference: PyTorch reference unavailable ({err}); "
+              "pip install -r requirements-reference.txt")
+        return None
+    import dataclasses
+
+    torch.set_num_threads(os.cpu_count() or 1)  # the test helper pins one thread
+    model_cfg = {k: v for k, v in dataclasses.asdict(cfg.model).items()
+                 if k in ref.MODEL_CFG_KEYS}
+    model_cfg["rms_norm_eps"] = ref.RMS_NORM_EPS
+    module = ref.build_reference(model_cfg, seed=0).train()
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+    enc = torch.as_tensor(batch["encoder_ids"].astype(np.int64))
+    dec = torch.as_tensor(batch["decoder_input_ids"].astype(np.int64))
+    labels = torch.as_tensor(np.where(batch["loss_mask"] > 0, batch["targets"], -100)
+                             .astype(np.int64))
+    mask = ref.note_mask(enc)
+
+    def step(state, _):
+        opt.zero_grad(set_to_none=True)
+        out = module(inputs_embeds=module.model.encoder.embeddings(enc), attention_mask=mask,
+                     decoder_input_ids=dec, use_cache=False, return_dict=True)
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(),
+                                                 labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+        opt.step()
+        return state, jnp.zeros(())
+
+    return step, None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="small", help="configs/model/<name>.yaml")
@@ -75,8 +141,15 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="override the peak FLOP/s (TFLOP/s)")
     parser.add_argument("--slot-logits", action="store_true",
                         help="loss from per-slot logits (model.slot_logits=true)")
+    parser.add_argument("--vs-reference", action="store_true",
+                        help="alternate with the PyTorch reference (module docstring)")
+    parser.add_argument("--rounds", type=int, default=4, help="--vs-reference rounds")
     parser.add_argument("overrides", nargs="*", help="more config overrides (key=value)")
     args = parser.parse_args()
+    if args.vs_reference:
+        if args.model == "small" and args.batch == 2 and args.block == 4096:  # no sizes given
+            args.batch, args.block = 4, 1024
+        args.overrides = REFERENCE_SMALL[1:] + args.overrides
 
     overrides = [f"model={args.model}", f"mesh.shape={args.mesh}", f"data.block_size={args.block}",
                  f"train.batch_size={args.batch}", f"train.microbatches={args.microbatches}",
@@ -96,11 +169,9 @@ def main() -> None:
         state, metrics = fns.train_step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = fns.train_step(state, batch)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - t0) / args.steps
+    if args.vs_reference:
+        return compare_with_reference(args, cfg, fns, state, batch)
+    step_s, state = time_steps(fns.train_step, state, batch, args.steps)
     tokens_per_s = args.batch * args.block / step_s
     fpt = flops_per_token(cfg.model, args.block)
     if args.peak_tflops:
@@ -116,6 +187,33 @@ def main() -> None:
     print(f"tokens/s: {tokens_per_s:,.0f}")
     print(f"MFU: {fpt / 1e6:.1f} MFLOP/token x {tokens_per_s:,.0f} tokens/s / "
           f"{peak / 1e12:.2f} TFLOP/s peak ({source}) = {100 * fpt * tokens_per_s / peak:.1f}%")
+
+
+def compare_with_reference(args, cfg, fns, state, batch) -> None:
+    """Alternate timed rounds of our step and the reference's on the same batch."""
+    host = synthetic_batch(args.batch, args.block)
+    trainer = reference_trainer(cfg, host, cfg.train.lr)
+    if trainer is None:
+        return
+    ref_step, ref_state = trainer
+    for _ in range(args.warmup):
+        ref_state, _ = ref_step(ref_state, None)
+    tokens = args.batch * args.block
+    ours, theirs = [], []
+    print(f"batch {args.batch} x {args.block} tokens, {cfg.model.hidden} hidden, "
+          f"{cfg.model.encoder_layers}-{cfg.model.decoder_layers} layers, {cfg.model.dtype}, "
+          f"{'per-slot' if cfg.model.slot_logits else 'full-vocab'} logits, "
+          f"{os.cpu_count()} CPU threads, {args.steps} steps per round")
+    for r in range(args.rounds):
+        s, state = time_steps(fns.train_step, state, batch, args.steps)
+        ours.append(tokens / s)
+        s, ref_state = time_steps(ref_step, ref_state, None, args.steps)
+        theirs.append(tokens / s)
+        print(f"round {r + 1}: pianist-jax {ours[-1]:,.0f} tokens/s, PyTorch reference "
+              f"{theirs[-1]:,.0f} tokens/s ({ours[-1] / theirs[-1]:.2f}x)")
+    mo, mt = statistics.median(ours), statistics.median(theirs)
+    print(f"median: pianist-jax {mo:,.0f} tokens/s, PyTorch reference {mt:,.0f} tokens/s: "
+          f"{mo / mt:.2f}x")
 
 
 if __name__ == "__main__":

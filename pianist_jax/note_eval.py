@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pianist_jax import align, midi, tokenizer as tk
+from pianist_jax import align, midi
+from pianist_jax import tokenizer as tk
 
 FIGURES = ("velocity_r", "tempo_r", "articulation_r", "pedal_agreement")
 PEDAL_DOWN = 64
