@@ -83,8 +83,11 @@ def windows(shards: list[Path], n_windows: int, notes: int) -> tuple[np.ndarray,
     return np.stack(enc).astype(np.int32), np.stack(tgt).astype(np.int32)
 
 
-def slot_losses(model, enc: np.ndarray, tgt: np.ndarray, batch: int = 8) -> np.ndarray:
-    """Mean cross-entropy per slot (softmax over the slot's valid ids), pedal binarised."""
+def slot_losses(model, enc: np.ndarray, tgt: np.ndarray, batch: int = 8
+                ) -> tuple[np.ndarray, float]:
+    """Mean cross-entropy per slot (softmax over the slot's valid ids), pedal binarised, and
+    the model's mean probability of a first pedal sample >= 64 under teacher forcing (to set
+    beside the share it draws when it renders: a gap is drift, not the model's belief)."""
     import jax
     import jax.numpy as jnp
 
@@ -92,7 +95,7 @@ def slot_losses(model, enc: np.ndarray, tgt: np.ndarray, batch: int = 8) -> np.n
 
     tgt = np.stack([binarize_pedal(t) for t in tgt])
     forward = jax.jit(lambda e, d: model(e, d))
-    total = np.zeros(TOKENS_PER_NOTE)
+    total, p_down = np.zeros(TOKENS_PER_NOTE), 0.0
     for i in range(0, len(enc), batch):
         e, t = enc[i:i + batch], tgt[i:i + batch]
         d = np.concatenate([np.full((len(t), 1), BOS, np.int32), t[:, :-1]], axis=1)
@@ -103,7 +106,10 @@ def slot_losses(model, enc: np.ndarray, tgt: np.ndarray, batch: int = 8) -> np.n
             logp = part - np.log(np.exp(part).sum(-1, keepdims=True))
             ids = t[:, s::TOKENS_PER_NOTE] - lo
             total[s] += -np.take_along_axis(logp, ids[..., None], -1).sum()
-    return total / (len(enc) * enc.shape[1] // TOKENS_PER_NOTE)
+            if s == 4:
+                p_down += np.exp(logp[..., 64:]).sum()
+    n = len(enc) * enc.shape[1] // TOKENS_PER_NOTE
+    return total / n, p_down / n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +135,14 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load_exported(args.model, dtype="float32")
         enc, tgt = windows(shards, args.windows, args.notes)
-        true = slot_losses(model, enc, tgt)
-        wrong = slot_losses(model, np.roll(enc, 1, axis=0), tgt)
+        true, p_down = slot_losses(model, enc, tgt)
+        wrong, _ = slot_losses(model, np.roll(enc, 1, axis=0), tgt)
         print(f"{'slot':<10}{'true score':>12}{'wrong score':>13}{'difference':>12}")
         for name, a, b in zip(SLOT_NAMES, true, wrong):
             print(f"{name:<10}{a:12.4f}{b:13.4f}{b - a:12.4f}")
-        print(f"{len(enc)} windows of {args.notes} notes")
+        down = float(((tgt.reshape(-1, TOKENS_PER_NOTE)[:, 4] - PEDAL_START) >= 64).mean())
+        print(f"{len(enc)} windows of {args.notes} notes; first pedal sample down: "
+              f"{down:.2f} of the targets, mean model probability {p_down:.2f}")
     return 0
 
 
