@@ -177,7 +177,24 @@ def evaluation(metrics_dir: Path, seeds: list[int]) -> dict:
         "human_pieces": human.get("n_pieces") if human else None,
         "target_overall_js": TARGET_JS,
         "meets_target": None if overall is None else bool(overall <= TARGET_JS),
+        "notes": note_level(per_seed),
     }
+
+
+NOTE_FIGURES = ("velocity_r", "tempo_r", "articulation_r", "pedal_agreement", "pedal_down")
+
+
+def note_level(per_seed: dict) -> dict | None:
+    """The note-level judge's figures (`pianist_jax.note_eval`): the model's over seeds, and
+    the deadpan score's and the human ceiling's (the same in every seed's metrics)."""
+    blocks = [m["notes"] for m in per_seed.values() if m.get("notes")]
+    if not blocks:
+        return None
+    first = blocks[0]
+    ceiling = dict(first["human_ceiling"], pedal_down=first.get("human_pedal_down"))
+    return {"model": {k: _stats([b["prediction"][k] for b in blocks]) for k in NOTE_FIGURES},
+            "deadpan": first["deadpan"], "human": ceiling, "n_pieces": first["n_pieces"],
+            "n_ceiling_pieces": first["n_ceiling_pieces"]}
 
 
 def git_info(repo: Path = REPO) -> dict:
@@ -373,6 +390,20 @@ def render_markdown(card: dict) -> str:
     if ev.get("meets_target") is not None:
         lines += ["", f"Overall JS target <= {ev['target_overall_js']}: "
                   f"{'met' if ev['meets_target'] else 'NOT met'}."]
+    if notes := ev.get("notes"):
+        lines += ["", "Note by note (`--scores`: each score note's performed velocity, local "
+                  "tempo and articulation against the humans' mean of the same note, Pearson r "
+                  "per piece; pedal agreement with the human majority at each onset; pedal "
+                  f"down = share of onsets pedalled; means over {notes['n_pieces']} pieces; "
+                  f"human: each against the others, {notes['n_ceiling_pieces']} pieces):", "",
+                  "| | " + " | ".join(k.replace("_", " ") for k in NOTE_FIGURES) + " |",
+                  "|---|" + "---:|" * len(NOTE_FIGURES)]
+        for label, vals in (("deadpan score", notes["deadpan"]), ("this model", notes["model"]),
+                            ("human vs other humans", notes["human"])):
+            cells = [(f"{v['mean']:.3f} ± {v['std']:.3f}" if v.get("mean") is not None else "-")
+                     if isinstance(v, dict) else _f(v, 3)
+                     for v in (vals.get(k) for k in NOTE_FIGURES)]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Use", "",
               "`python -m pianist_jax.render SCORE.mid` (this model is the default when "
               "`--model` is not given). The weights were trained on ASAP, whose license "

@@ -282,8 +282,16 @@ def _synthetic_work(work: Path):
                                "source": {"step": 5}})
     put("export/model.safetensors", "x" * 1000)
     common = {"pieces": ["B_P2"], "n_pieces": 1, "n_human_performances": 3}
+    def figures(v):
+        return {k: v for k in ("velocity_r", "tempo_r", "articulation_r", "pedal_agreement",
+                               "pedal_down")}
+
     for seed, js in ((0, 0.20), (1, 0.22), (2, 0.24)):
-        put(f"eval/metrics/seed{seed}/metrics.json", {**common, "prediction": _prediction(js)})
+        notes = {"prediction": figures(js), "deadpan": figures(0.05),
+                 "human_ceiling": figures(0.8), "human_pedal_down": 0.4, "n_pieces": 1,
+                 "n_ceiling_pieces": 1}
+        put(f"eval/metrics/seed{seed}/metrics.json",
+            {**common, "prediction": _prediction(js), "notes": notes})
     put("eval/metrics/deadpan/metrics.json", {
         **common, "prediction": _prediction(0.5),
         "human_baseline": {"scores": _prediction(0.1), "n_pieces": 1}})
@@ -313,6 +321,9 @@ def test_model_card_fields(tmp_path):
     assert ev["deadpan"]["overall"]["js"] == pytest.approx(_prediction(0.5)["overall"]["js"])
     assert ev["human"]["velocity"]["js"] == pytest.approx(0.1)
     assert ev["meets_target"] is True
+    notes = ev["notes"]
+    assert notes["model"]["velocity_r"]["mean"] == pytest.approx(0.22)
+    assert notes["deadpan"]["tempo_r"] == 0.05 and notes["human"]["pedal_down"] == 0.4
     assert card["model"]["num_params"] == 2972800 and card["model"]["weights_bytes"] == 1000
     assert card["data"]["pretrain_shards"]["corpora"]["pop909"]["tokens"] == 4000
     assert card["data"]["split"]["val_pieces"] == ["B/P2"]
@@ -322,7 +333,7 @@ def test_model_card_fields(tmp_path):
     md = (work / "export" / "MODEL_CARD.md").read_text()
     for text in ("Smoke run", "| deadpan score |", "| this model |", "| human vs human |",
                  "| seed 2 |", "| pretrain | 10 | 8 x 1024 | 81,920 |", "0:56:40", "met",
-                 "B/P2", "| pop909 | 5 |"):
+                 "B/P2", "| pop909 | 5 |", "| velocity r |", "| human vs other humans | 0.800"):
         assert text in md, text
 
 
@@ -370,7 +381,7 @@ def test_example_score():
 
 def test_example_score_is_reproducible(tmp_path):
     script = EXAMPLE.with_name("make_example.py")
-    subprocess.run(["python", str(script), str(tmp_path / "x.mid")], check=True,
+    subprocess.run([sys.executable, str(script), str(tmp_path / "x.mid")], check=True,
                    capture_output=True, timeout=60)
     assert (tmp_path / "x.mid").read_bytes() == EXAMPLE.read_bytes()
 
