@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pianist_jax import midi, native_kernels, tokenizer
+from pianist_jax import decoding, midi, native_kernels, tokenizer
 from pianist_jax.tokenizer import TOKENS_PER_NOTE
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default"
@@ -126,6 +126,10 @@ class Renderer:
         nnx.replace_by_pure_dict(state, cast)
         self.params = jax.device_put(state, self.sharding)
         self.cfg, self.model_dir = cfg, model_dir
+        try:
+            self.decoding = decoding.load(model_dir)
+        except decoding.DecodingError as err:
+            raise RenderError(str(err)) from err
         self.window, self.shift, self.tail = window, shift, tail
         self._compiled: dict[tuple[int, int, int], object] = {}
         self.compile_seconds = 0.0
@@ -150,32 +154,37 @@ class Renderer:
             spec = jax.ShapeDtypeStruct
             args = (self.params, spec((batch, notes * TOKENS_PER_NOTE), i32),
                     spec((batch, prime * TOKENS_PER_NOTE), i32), spec((batch,), i32),
-                    spec((batch, 2), jnp.uint32), spec((batch,), i32), spec((batch,), f32),
-                    spec((batch,), f32))
+                    spec((batch, 2), jnp.uint32), spec((batch,), i32),
+                    spec((batch, TOKENS_PER_NOTE), f32), spec((batch, TOKENS_PER_NOTE), f32))
             self._compiled[key] = fn.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t0
         return self._compiled[key]
 
-    def render_ids(self, scores: list[np.ndarray], seeds: list[int], *, temperature: float = 1.0,
-                   top_p: float = 0.95, progress=None) -> list[np.ndarray]:
+    def render_ids(self, scores: list[np.ndarray], seeds: list[int], *, temperature=None,
+                   top_p=None, progress=None) -> list[np.ndarray]:
         """Performance ids (``[8 * notes]`` each) for score ids, one row per score, one batch.
 
-        ``progress(notes_done)`` is called after each window.
+        ``temperature`` / ``top_p``: a number for every sampled slot, ``{kind: value}`` for
+        some (`pianist_jax.decoding.KINDS`), or None: the model's defaults
+        (``self.decoding``). ``progress(notes_done)`` is called after each window.
         """
-        import jax
-
         if len(scores) != len(seeds):
             raise ValueError("one seed per score")
-        if not 0 < top_p <= 1 or temperature < 0:
-            raise RenderError(f"need 0 < top_p <= 1 and temperature >= 0 "
-                              f"(got top_p={top_p}, temperature={temperature})")
+
+        def kinds(v):
+            return v if isinstance(v, dict) or v is None else dict.fromkeys(decoding.KINDS, v)
+
+        try:
+            settings = decoding.override(self.decoding, kinds(temperature), kinds(top_p))
+        except decoding.DecodingError as err:
+            raise RenderError(str(err)) from err
         counts = [len(s) // TOKENS_PER_NOTE for s in scores]
         b, longest = len(scores), max(counts)
         plan = plan_windows(longest, self.window, self.shift, self.tail)
         out = [np.zeros(n * TOKENS_PER_NOTE, np.int32) for n in counts]
         keys = np.stack([row_key(ids, s) for ids, s in zip(scores, seeds)])
-        temp = np.full(b, temperature, np.float32)
-        topp = np.full(b, top_p, np.float32)
+        temp = np.tile(decoding.per_slot(settings["temperature"]), (b, 1))
+        topp = np.tile(decoding.per_slot(settings["top_p"]), (b, 1))
         for w in plan:
             size = _bucket(longest, self.window) if len(plan) == 1 else w.size
             enc = np.zeros((b, size * TOKENS_PER_NOTE), np.int32)
@@ -257,6 +266,10 @@ def render_files(args) -> str:
     renderer = Renderer(args.model, dtype=args.dtype, window=args.window_notes,
                         shift=args.shift_notes)
     load = time.perf_counter() - t0
+    try:
+        temperature, top_p = decoding.parse(args.temperature), decoding.parse(args.top_p)
+    except decoding.DecodingError as err:
+        raise RenderError(str(err)) from err
     rows, seeds, where = [], [], []
     for i, score_ids in enumerate(ids):
         for k in range(args.variants):
@@ -291,8 +304,8 @@ def render_files(args) -> str:
         def step(n, base=base):
             progress(base + n)
 
-        results += renderer.render_ids(rows[chunk], seeds[chunk], temperature=args.temperature,
-                                       top_p=args.top_p, progress=step)
+        results += renderer.render_ids(rows[chunk], seeds[chunk], temperature=temperature,
+                                       top_p=top_p, progress=step)
         seconds += time.perf_counter() - t1 - (renderer.compile_seconds - before)
         rendered_notes = sum(len(r) // TOKENS_PER_NOTE for r in results)
     if bar is not None:
@@ -322,9 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="EXPORTED_DIR",
                    help="exported model directory (default: the bundled model)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature; 0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus size (default 0.95)")
+    p.add_argument("--temperature", metavar="T",
+                   help="sampling temperature, 0 = greedy: a number for every slot or "
+                        "kind=value pairs, e.g. velocity=0.8,pedal=1 (kinds: ioi, velocity, "
+                        "duration, pedal; default: the model's decoding.json, else 1.0)")
+    p.add_argument("--top-p", metavar="P",
+                   help="nucleus size, the same forms (default: the model's decoding.json, "
+                        "else 0.95)")
     p.add_argument("--variants", type=int, default=1,
                    help="N different renderings of each score (seeds seed..seed+N-1)")
     p.add_argument("--tempo-map", action="store_true",

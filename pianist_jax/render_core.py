@@ -321,7 +321,8 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
     Arguments: ``params`` (NNX pure state), ``enc_ids [B, 8*notes]`` (score tokens, PAD after
     the piece), ``prime [B, 8*prime_notes]`` (performance tokens), ``n_notes [B]`` (real notes
     in the window), ``row_keys [B, 2]`` (uint32 PRNG keys), ``first_note [B]`` (global index of
-    the window's first note, for the sampling keys), ``temperature [B]``, ``top_p [B]``.
+    the window's first note, for the sampling keys), ``temperature [B, 8]``, ``top_p [B, 8]``
+    (per row and token slot: `pianist_jax.decoding.per_slot`).
     Returns ``[B, 8*notes]`` tokens: the prime, then the rendered notes (pitch = score).
     ``native``: the ``[out, in]`` decoder products, the output logits and the attention steps
     use `pianist_jax.native_kernels` (CPU; the caller has loaded it; the model computes in
@@ -384,7 +385,7 @@ def make_window_fn(model_graphdef, notes: int, prime_notes: int,
                 index = jnp.arange(logits.shape[-1])
                 logits = jnp.where((index >= lo) & (index < hi), logits, -jnp.inf)
             u = jax.lax.dynamic_index_in_dim(uniforms, note_index, 1, False)[:, slot]
-            return sample(logits, u, temperature, top_p, native) + offsets[kind]
+            return sample(logits, u, temperature[:, slot], top_p[:, slot], native) + offsets[kind]
 
         prime_len = prime_notes * TOKENS_PER_NOTE
         cache = model.init_cache(states, tokens, kv_dtype)

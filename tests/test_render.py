@@ -7,6 +7,7 @@ while a 400-note score still spans 6 windows (the logic is the same as for 512/2
 
 import dataclasses
 import hashlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pianist_jax import export, midi, render, render_core, tempo_map, tokenizer
+from pianist_jax import decoding, export, midi, render, render_core, tempo_map, tokenizer
 from pianist_jax.config import load_config
 from pianist_jax.model import PianistTransformer
 from pianist_jax.tokenizer import BOS, RENDER_RANGES, SLOT_RANGES, VELOCITY, VELOCITY_START
@@ -87,7 +88,7 @@ def test_greedy_window_equals_full_forward(tiny_model, note_conditioning):
     fn = jax.jit(render_core.make_window_fn(gd, notes, prime))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(b))
     out = np.asarray(fn(params, enc, primed, n_notes, keys, jnp.zeros(b, jnp.int32),
-                        jnp.zeros(b), jnp.full(b, 0.95)))
+                        jnp.zeros((b, 8)), jnp.full((b, 8), 0.95)))
     dec_in = np.concatenate([np.full((b, 1), BOS), out[:, :-1]], 1)
     logits = np.asarray(model(jnp.asarray(enc), jnp.asarray(dec_in)))
     for r in range(b):
@@ -111,7 +112,7 @@ def test_hot_sampling_never_draws_velocity_zero(tiny_model):
     fn = jax.jit(render_core.make_window_fn(gd, notes, 0))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(b))
     out = np.asarray(fn(params, enc, np.zeros((b, 0), np.int32), np.full(b, notes, np.int32),
-                        keys, jnp.zeros(b, jnp.int32), jnp.full(b, 50.0), jnp.ones(b)))
+                        keys, jnp.zeros(b, jnp.int32), jnp.full((b, 8), 50.0), jnp.ones((b, 8))))
     velocity = out.reshape(b, notes, 8)[:, :, VELOCITY] - VELOCITY_START
     assert velocity.min() >= 1 and len(np.unique(velocity)) > 100
 
@@ -266,3 +267,32 @@ def test_each_score_gets_its_own_random_stream():
     assert key.shape == (2,) and np.array_equal(key, render.row_key(ids.copy(), 0))
     assert not np.array_equal(key, render.row_key(other, 0))
     assert not np.array_equal(key, render.row_key(ids, 1))
+
+
+def test_decoding_defaults_per_slot_and_overrides(tiny_model, tmp_path, capsys):
+    """An export's decoding.json sets the defaults per slot kind; flags override them (a
+    number for all kinds or kind=value pairs); bad values are one error line."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model[0], model_dir)
+    score = make_score(tmp_path / "s.mid", 40)
+    greedy = {"temperature": dict.fromkeys(decoding.KINDS, 0.0)}
+    decoding.save(model_dir, greedy, chosen_by="test")
+    outs = {}
+    for name, flags in (("default", []), ("all0", ["--temperature", "0"]),
+                        ("hot", ["--temperature", "1", "--seed", "3"]),
+                        ("vel", ["--temperature", "velocity=1", "--seed", "3"])):
+        outs[name] = tmp_path / f"{name}.mid"
+        assert render.main([str(score), "-o", str(outs[name]), "--model", str(model_dir),
+                            "--no-progress", *flags]) == 0
+    assert digest(outs["default"]) == digest(outs["all0"]) != digest(outs["hot"])
+    assert digest(outs["vel"]) not in (digest(outs["default"]), digest(outs["hot"]))
+    assert decoding.per_slot({"ioi": 1, "velocity": 2, "duration": 3, "pedal": 4}).tolist() \
+        == [1, 1, 2, 3, 4, 4, 4, 4]
+    assert decoding.parse("velocity=0.5, pedal=1") == {"velocity": 0.5, "pedal": 1.0}
+    capsys.readouterr()
+    assert render.main([str(score), "-o", str(tmp_path / "x.mid"), "--model", str(model_dir),
+                        "--top-p", "pedl=0.5", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown slot kind" in err[0]
+    with pytest.raises(decoding.DecodingError, match="top_p for pedal"):
+        decoding.check({"top_p": {"pedal": 0}})
