@@ -25,6 +25,7 @@ automatic aligner pairs that file.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -174,14 +175,22 @@ class Piece:
         return note_features(self.score, self.score, np.arange(len(self.score)))
 
 
+@functools.lru_cache(maxsize=1024)
+def _human(score_path: Path, path: Path, _stamps) -> NoteFeatures:
+    """A human performance paired with its score (cached: aligning is the slow part, and a
+    choice among renderings judges the same humans again; file times are in the key)."""
+    score, perf = midi.read_midi(score_path), midi.read_midi(path)
+    return note_features(score, perf, pair_human(score, perf, path))
+
+
 def load_piece(name: str, score_path, human_paths) -> Piece:
     """Read a score and its human performances and pair every performance with the score."""
-    score = midi.read_midi(score_path)
+    score_path = Path(score_path).resolve()
     humans = []
-    for path in human_paths:
-        perf = midi.read_midi(path)
-        humans.append(note_features(score, perf, pair_human(score, perf, path)))
-    return Piece(name, score, humans)
+    for path in map(Path, human_paths):
+        stamps = (score_path.stat().st_mtime_ns, path.resolve().stat().st_mtime_ns)
+        humans.append(_human(score_path, path, stamps))
+    return Piece(name, midi.read_midi(score_path), humans)
 
 
 def judge_rendering(piece: Piece, rendering_path) -> dict:
