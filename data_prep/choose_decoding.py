@@ -12,7 +12,10 @@ candidate only if it raises
     objective = mean(velocity r, local-tempo r, articulation r, pedal agreement) - overall JS
 
 (the note-level judge's four figures against the histograms' overall Jensen-Shannon distance,
-each in [0, 1]). ``--write`` stores the winner as ``EXPORT/decoding.json``, the renderer's
+each in [0, 1]). To keep the search affordable on a CPU each trial renders the first
+``--max-notes`` notes of every score (default 512: one window) and judges those notes; the
+histograms then compare those openings with the humans' whole performances, the same for
+every candidate. ``--write`` stores the winner as ``EXPORT/decoding.json``, the renderer's
 defaults for that model; every candidate's figures go to ``WORK/choices.json``.
 """
 from __future__ import annotations
@@ -35,10 +38,13 @@ CANDIDATES = (("pedal", ((1.0, 1.0), (0.7, 1.0))),
 
 
 def objective(metrics: dict) -> float:
+    """Mean of the note-level figures it has, minus the overall JS (1, the worst, where a
+    side had no value in a histogram's range)."""
     notes = metrics["notes"]["prediction"]
-    return float(np.mean([notes[k] for k in ("velocity_r", "tempo_r", "articulation_r",
-                                             "pedal_agreement")])
-                 - metrics["prediction"]["overall"]["js"])
+    figures = [notes[k] for k in ("velocity_r", "tempo_r", "articulation_r", "pedal_agreement")
+               if notes[k] is not None]
+    js = metrics["prediction"]["overall"]["js"]
+    return float(np.mean(figures) if figures else 0.0) - (1.0 if js is None else js)
 
 
 def summary(metrics: dict) -> dict:
@@ -68,13 +74,16 @@ def trial(renderer, scores: dict, eval_dir: Path, out: Path, settings: dict,
         metrics = evaluate.evaluate_dirs(pred, eval_dir / "human", out=False,
                                          scores=eval_dir / "scores", log=lambda _: None)
         rows.append(summary(metrics))
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return {k: float(np.mean([np.nan if r[k] is None else r[k] for r in rows]))
+            for k in rows[0]}
 
 
 def choose(export: Path, eval_dir: Path, work: Path, seeds: list[int], batch: int = 8,
-           log=print) -> tuple[dict, list[dict]]:
+           max_notes: int | None = 512, log=print) -> tuple[dict, list[dict]]:
     renderer = render.Renderer(export)
-    scores = {p.stem: tokenizer.encode_file(p) for p in sorted((eval_dir / "scores").glob("*.mid"))}
+    cut = None if not max_notes else max_notes * tokenizer.TOKENS_PER_NOTE
+    scores = {p.stem: tokenizer.encode_file(p)[:cut]
+              for p in sorted((eval_dir / "scores").glob("*.mid"))}
     if not scores:
         raise ValueError(f"no scores in {eval_dir / 'scores'}")
     best = decoding.check({})
@@ -110,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="renderings and choices.json (default "
                     "EVAL_DIR/decoding)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-notes", type=int, default=512,
+                    help="render and judge each score's first N notes (0: all; default 512)")
     ap.add_argument("--write", action="store_true", help="write EXPORT/decoding.json")
     args = ap.parse_args(argv)
     work = args.work or args.eval_dir / "decoding"
     try:
-        best, tried = choose(args.export, args.eval_dir, work, args.seeds, args.batch_size)
+        best, tried = choose(args.export, args.eval_dir, work, args.seeds, args.batch_size,
+                             args.max_notes)
     except (render.RenderError, evaluate.EvaluationError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -124,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chosen: {decoding.describe(best)}")
     if args.write:
         how = (f"data_prep.choose_decoding on {len(tried)} settings, seeds {args.seeds}, "
-               f"validation pieces of {args.eval_dir}")
+               f"first {args.max_notes or 'all'} notes of the validation pieces of "
+               f"{args.eval_dir}")
         print(f"wrote {decoding.save(args.export, best, how)}")
     return 0
 

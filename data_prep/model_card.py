@@ -235,6 +235,7 @@ def build_card(work: Path, export: Path, seeds: list[int], *, command: str | Non
             "dtype": info.get("dtype"), "tokenizer_version": info.get("tokenizer_version"),
             "weights_bytes": weights.stat().st_size if weights.is_file() else None,
             "source": info.get("source"),
+            "decoding": _json(export / "decoding.json"),
         },
         "data": {
             "sft": None if sft is None else {
@@ -390,6 +391,11 @@ def render_markdown(card: dict) -> str:
     if ev.get("meets_target") is not None:
         lines += ["", f"Overall JS target <= {ev['target_overall_js']}: "
                   f"{'met' if ev['meets_target'] else 'NOT met'}."]
+    if dec := (card.get("model") or {}).get("decoding"):
+        from pianist_jax.decoding import describe
+
+        lines += ["", f"Sampling (the renderer's defaults for this model, `decoding.json`): "
+                  f"{describe(dec)}; chosen by {dec.get('chosen_by')}."]
     if notes := ev.get("notes"):
         lines += ["", "Note by note (`--scores`: each score note's performed velocity, local "
                   "tempo and articulation against the humans' mean of the same note, Pearson r "

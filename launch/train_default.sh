@@ -15,8 +15,12 @@
 #   sft             pianist_jax.train configs/default/sft.yaml, init from the pre-trained params
 #   export          pianist_jax.export -> WORK/export (float32; bfloat16 if it would exceed 30 MB)
 #   eval-set        data_prep.eval_set: WORK/eval/{scores,human} (validation pieces)
+#   decoding        data_prep.choose_decoding: per-slot temperature / top-p chosen on the
+#                   validation pieces by both judges -> WORK/export/decoding.json (render's
+#                   defaults for this model); every candidate in WORK/eval/decoding/choices.json
 #   render-seedK    pianist_jax.render the validation scores with the exported model, seed K
-#   evaluate-seedK  pianist_jax.evaluate vs the humans -> WORK/eval/metrics/seedK/metrics.json
+#   evaluate-seedK  pianist_jax.evaluate vs the humans, histograms and note by note (--scores)
+#                   -> WORK/eval/metrics/seedK/metrics.json
 #   evaluate-deadpan  the same for the scores themselves (deadpan baseline; human vs human is in
 #                   every metrics.json)
 #   card            data_prep.model_card: WORK/export/{MODEL_CARD.md,card.json}
@@ -341,6 +345,13 @@ stop_here export
 listing="$(eval_listing)"
 stage eval-set --clean "$work/eval" -- "$py" -m data_prep.eval_set "$listing" "$work/eval"
 stop_here eval-set
+
+decoding_smoke=()
+[[ $smoke == 0 ]] || decoding_smoke=(--max-notes 32)
+stage decoding --clean "$work/eval/decoding" -- \
+  "$py" -m data_prep.choose_decoding "$work/export" "$work/eval" --work "$work/eval/decoding" \
+  --batch-size "$render_batch" --write "${decoding_smoke[@]}"
+stop_here decoding
 
 scores=("$work"/eval/scores/*.mid)  # the literal pattern until eval-set has run (--dry-run)
 for s in "${seeds[@]}"; do

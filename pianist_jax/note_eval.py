@@ -20,8 +20,8 @@ Figures are averaged over pieces. The human ceiling scores each human against th
 Humans are paired with the score through their match file (`<performance>.match[.gz]` beside
 the performance, symbolic links followed: ASAP's layout) or else the automatic aligner.
 Renderings keep the score's notes, so they are paired by pitch in order of occurrence (the
-k-th C4 of the rendering is the score's k-th C4); if a pitch's count differs, the
-automatic aligner pairs that file.
+k-th C4 of the rendering is the score's k-th C4); a rendering of the score's first K notes
+only pairs with those; otherwise, if a pitch's count differs, the automatic aligner pairs it.
 """
 from __future__ import annotations
 
@@ -65,9 +65,11 @@ def pair_rendering(score: midi.Notes, perf: midi.Notes) -> np.ndarray:
     idx = np.full(len(score), -1, np.int64)
     for p in np.unique(np.concatenate([score.pitch, perf.pitch])):
         s, r = np.flatnonzero(score.pitch == p), np.flatnonzero(perf.pitch == p)
-        if len(s) != len(r):
+        if len(s) < len(r):
             return align.auto_align(score, perf)[0]
-        idx[s] = r
+        idx[s[:len(r)]] = r
+    if not np.array_equal(np.flatnonzero(idx >= 0), np.arange(len(perf))):  # not a prefix
+        return align.auto_align(score, perf)[0]
     return idx
 
 

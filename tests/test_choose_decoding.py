@@ -35,7 +35,7 @@ def test_choose_writes_the_best_setting(tmp_path, monkeypatch):
     for k in (1, 2):
         _piece(ev / "human" / f"p-{k}.mid", 60, k, jitter=True)
     monkeypatch.setattr(choose_decoding, "CANDIDATES", (("pedal", ((1.0, 1.0),)),))
-    assert choose_decoding.main([str(model_dir), str(ev), "--write"]) == 0
+    assert choose_decoding.main([str(model_dir), str(ev), "--write", "--max-notes", "40"]) == 0
     choices = json.loads((ev / "decoding" / "choices.json").read_text())
     assert [t["label"] for t in choices["tried"]] == ["paper (1.0 / 0.95)", "pedal 1 / 1"]
     best = max(choices["tried"], key=lambda t: t["objective"])

@@ -28,7 +28,8 @@ from tests.midi_fixtures import note_track, save
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "train_default.sh"
 EXAMPLE = REPO / "pianist_jax" / "assets" / "examples" / "little_waltz.mid"
-STAGES = ["data-sft", "pretrain-files", "tokenize", "pretrain", "sft", "export", "eval-set"]
+STAGES = ["data-sft", "pretrain-files", "tokenize", "pretrain", "sft", "export", "eval-set",
+          "decoding"]
 MAX_BYTES = 30_000_000
 
 
@@ -507,8 +508,8 @@ def test_stage_runner_skips_resumes_and_redoes(fake_run):
     _, modules, _ = run("--eval-seeds", "0")
     assert modules == ["data_prep.build_sft", "data_prep.pretrain_files", "data_prep.tokenize",
                        "pianist_jax.train", "pianist_jax.train", "pianist_jax.export",
-                       "data_prep.eval_set", "pianist_jax.render", "pianist_jax.evaluate",
-                       "pianist_jax.evaluate"]
+                       "data_prep.eval_set", "data_prep.choose_decoding", "pianist_jax.render",
+                       "pianist_jax.evaluate", "pianist_jax.evaluate"]
     times = json.loads((work / "times.json").read_text())
     assert list(times["stages"])[:3] == ["data-sft", "pretrain-files", "tokenize"]
     assert all(e["status"] == "ran" for e in times["stages"].values())
@@ -562,7 +563,8 @@ def test_stage_runner_no_pretrain_with_existing_sft_data(fake_run, tmp_path):
     (sft_data / "val_pieces.txt").write_text("# asap_root\t/x\nA/midi_score.mid\tA/p.mid\n")
     res, modules, lines = run("--no-pretrain", "--sft-data", str(sft_data), "--eval-seeds", "0")
     assert modules == ["pianist_jax.train", "pianist_jax.export", "data_prep.eval_set",
-                       "pianist_jax.render", "pianist_jax.evaluate", "pianist_jax.evaluate"]
+                       "data_prep.choose_decoding", "pianist_jax.render", "pianist_jax.evaluate",
+                       "pianist_jax.evaluate"]
     assert "train.init_from=null" in lines[0]
     assert (work / "sft_data").resolve() == sft_data.resolve()
     stages = json.loads((work / "times.json").read_text())["stages"]

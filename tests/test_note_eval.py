@@ -109,6 +109,13 @@ def test_pair_rendering_by_pitch_occurrence():
     assert np.array_equal(reordered.velocity[idx], human.velocity)
 
 
+def test_pair_rendering_of_the_first_notes_only():
+    score, human = score_and_human(n=60)
+    head = notes(human.onset[:25], human.duration[:25], human.pitch[:25], human.velocity[:25])
+    idx = ne.pair_rendering(score, head)
+    assert np.array_equal(idx[:25], np.arange(25)) and (idx[25:] == -1).all()
+
+
 def test_pearson_edge_cases():
     assert ne.pearson(np.array([1.0, 2, 3, 4]), np.array([2.0, 4, 6, 8])) == pytest.approx(1)
     assert ne.pearson(np.array([1.0, 1, 1, 1]), np.array([2.0, 4, 6, 8])) == 0.0
