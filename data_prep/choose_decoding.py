@@ -32,7 +32,7 @@ from pianist_jax import decoding, evaluate, midi, render, tokenizer
 
 # (slot kind, [(temperature, top_p), ...]) in search order
 CANDIDATES = (("pedal", ((1.0, 1.0), (0.7, 1.0))),
-              ("velocity", ((0.8, 0.95),)),
+              ("velocity", ((0.8, 0.95), (0.6, 0.95))),
               ("ioi", ((0.8, 0.95),)),
               ("duration", ((0.8, 0.95),)))
 
