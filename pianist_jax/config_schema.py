@@ -126,6 +126,11 @@ class DataConfig:
     window_stride: int = 2048  # SFT: windows of block_size with this stride (50% overlap)
     crops_per_window: int = 1  # SFT: extra random crops taken from each window
     binarize_pedal: bool = False  # SFT targets: pedal >= 64 -> 127 else 0
+    # SFT training: fraction of the decoder's input tokens (the performance so far, shifted
+    # right; pitches excepted, the renderer always knows them) replaced by MASK. Teacher
+    # forcing with the human's previous velocities and pedal lets a model lean on them instead
+    # of the score; when it renders, its own samples stand in for them and it drifts.
+    decoder_mask_prob: float = 0.0
     seed: int = 0
     worker_count: int = 0  # Grain worker processes (0 = in the main process)
 
@@ -138,7 +143,7 @@ class DataConfig:
                 self.kind == "sft" and self.window_stride > self.block_size):
             raise ConfigError(f"data.window_stride ({self.window_stride}) must be a multiple of "
                               f"{SLOTS_PER_NOTE} and <= data.block_size")
-        for name in ("mask_prob", "crop_prob"):
+        for name in ("mask_prob", "crop_prob", "decoder_mask_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("worker_count", "crops_per_window"):

@@ -9,7 +9,10 @@ same order. Per PAPER_NOTES section 3:
   a segment shorter than a window is one window, padded;
 - each training window also yields ``data.crops_per_window`` random crops (a random run of
   whole notes inside it, at least min(64, window) notes), so the model sees short inputs;
-- loss on every real target position; pedal targets binarised if ``data.binarize_pedal``.
+- loss on every real target position; pedal targets binarised if ``data.binarize_pedal``;
+- training windows: ``data.decoder_mask_prob`` of the decoder's input tokens (not pitches)
+  become MASK, so the model has to take the performance from the score, not only from the
+  notes it has just played.
 
 No packing: a window is one piece of music, so encoder and decoder stay aligned note for note.
 The example list is fixed (an index of (record, window start, crop number)), which gives an
@@ -28,7 +31,7 @@ import numpy as np
 
 from pianist_jax import records
 from pianist_jax.config_schema import Config, DataConfig
-from pianist_jax.tokenizer import BOS, PAD, PEDAL_START, TOKENS_PER_NOTE
+from pianist_jax.tokenizer import BOS, MASK, PAD, PEDAL_START, PITCH, TOKENS_PER_NOTE
 
 PERFORMANCE = "performance"
 MIN_CROP_NOTES = 64
@@ -85,11 +88,12 @@ class SftIndex:
 class SftExample:
     """Index row (+ per-element rng) -> example dict; crop rows take a random sub-run."""
 
-    def __init__(self, index: SftIndex, data: DataConfig):
+    def __init__(self, index: SftIndex, data: DataConfig, decoder_mask_prob: float = 0.0):
         self.sources = index.sources
         self.rows = index.rows
         self.block = data.block_size
         self.binarize = data.binarize_pedal
+        self.decoder_mask_prob = decoder_mask_prob
 
     def __call__(self, i: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         block = self.block
@@ -106,7 +110,13 @@ class SftExample:
             out["encoder_ids"][:hi - lo] = rec.ids[lo:hi]
             out["targets"][:hi - lo] = binarize_pedal(target) if self.binarize else target
         targets = out["targets"]
-        out["decoder_input_ids"] = np.concatenate([[BOS], targets[:-1]]).astype(np.int32)
+        dec = np.concatenate([[BOS], targets[:-1]]).astype(np.int32)
+        if self.decoder_mask_prob > 0:  # input p holds target p - 1: pitches sit at 8j + 1
+            drop = rng.random(block) < self.decoder_mask_prob
+            drop &= (np.arange(block) % TOKENS_PER_NOTE != (PITCH + 1)) & (dec != PAD)
+            drop[0] = False  # BOS
+            dec = np.where(drop, MASK, dec).astype(np.int32)
+        out["decoder_input_ids"] = dec
         out["loss_mask"] = (targets != PAD).astype(np.float32)
         return out
 
@@ -123,7 +133,7 @@ def make_sft_dataset(cfg: Config, *, process_index: int, process_count: int, bat
 
     data = cfg.data
     index = SftIndex(data, split)
-    build = SftExample(index, data)
+    build = SftExample(index, data, data.decoder_mask_prob if split == "train" else 0.0)
     seed = derive_seed(data.seed, split, "sft")
     ds = grain.MapDataset.range(len(index))
     if split == "train":

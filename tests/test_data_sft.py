@@ -154,3 +154,21 @@ def test_sft_run_from_pretrained_params_epochs_and_validation(sft_shards, tmp_pa
     ev = [m["loss"] for m in lines if m["split"] == "eval"]
     assert ev and np.isfinite(ev).all()
     assert np.mean(tr[-3:]) < np.mean(tr[:3]) - 0.5
+
+
+def test_decoder_inputs_masked_in_training_only(sft_shards):
+    """``data.decoder_mask_prob``: training windows replace about that share of the decoder's
+    input tokens by MASK, never a pitch nor BOS; targets, encoder input and validation
+    batches are unchanged."""
+    root, _, _ = sft_shards
+    cfg = make_cfg(root, "/tmp/unused", "data.decoder_mask_prob=0.4")
+    batch = next(data.make_train_iterator(cfg, process_index=0, process_count=1))
+    tgt, dec = batch["targets"], batch["decoder_input_ids"]
+    real = np.concatenate([np.ones((len(tgt), 1), bool), tgt[:, :-1] != tok.PAD], axis=1)
+    masked = dec == tok.MASK
+    assert not masked[:, 0].any() and not masked[:, 1::8].any()  # BOS, pitches
+    np.testing.assert_array_equal(dec[:, 1:][~masked[:, 1:]], tgt[:, :-1][~masked[:, 1:]])
+    share = masked[real].sum() / (real.sum() * 7 / 8)
+    assert 0.3 < share < 0.5
+    val = next(data.make_train_iterator(cfg, process_index=0, process_count=1, split="eval"))
+    assert not (val["decoder_input_ids"] == tok.MASK).any()
