@@ -84,10 +84,11 @@ def windows(shards: list[Path], n_windows: int, notes: int) -> tuple[np.ndarray,
 
 
 def slot_losses(model, enc: np.ndarray, tgt: np.ndarray, batch: int = 8
-                ) -> tuple[np.ndarray, float]:
-    """Mean cross-entropy per slot (softmax over the slot's valid ids), pedal binarised, and
-    the model's mean probability of a first pedal sample >= 64 under teacher forcing (to set
-    beside the share it draws when it renders: a gap is drift, not the model's belief)."""
+                ) -> tuple[np.ndarray, float, float]:
+    """Mean cross-entropy per slot (softmax over the slot's valid ids), pedal binarised; under
+    teacher forcing, the model's mean probability of a first pedal sample >= 64 and the mean
+    per-window r of its expected velocity with the target's (to set beside what it does when
+    it renders, fed its own samples: a gap there is drift, not the model's belief)."""
     import jax
     import jax.numpy as jnp
 
@@ -95,7 +96,7 @@ def slot_losses(model, enc: np.ndarray, tgt: np.ndarray, batch: int = 8
 
     tgt = np.stack([binarize_pedal(t) for t in tgt])
     forward = jax.jit(lambda e, d: model(e, d))
-    total, p_down = np.zeros(TOKENS_PER_NOTE), 0.0
+    total, p_down, vel_r = np.zeros(TOKENS_PER_NOTE), 0.0, []
     for i in range(0, len(enc), batch):
         e, t = enc[i:i + batch], tgt[i:i + batch]
         d = np.concatenate([np.full((len(t), 1), BOS, np.int32), t[:, :-1]], axis=1)
@@ -108,8 +109,11 @@ def slot_losses(model, enc: np.ndarray, tgt: np.ndarray, batch: int = 8
             total[s] += -np.take_along_axis(logp, ids[..., None], -1).sum()
             if s == 4:
                 p_down += np.exp(logp[..., 64:]).sum()
+            if s == VELOCITY:
+                expected = (np.exp(logp) * np.arange(hi - lo)).sum(-1)
+                vel_r += [r for r in map(_r, expected, ids) if r is not None]
     n = len(enc) * enc.shape[1] // TOKENS_PER_NOTE
-    return total / n, p_down / n
+    return total / n, p_down / n, float(np.mean(vel_r)) if vel_r else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,14 +139,15 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load_exported(args.model, dtype="float32")
         enc, tgt = windows(shards, args.windows, args.notes)
-        true, p_down = slot_losses(model, enc, tgt)
-        wrong, _ = slot_losses(model, np.roll(enc, 1, axis=0), tgt)
+        true, p_down, vel_r = slot_losses(model, enc, tgt)
+        wrong, _, _ = slot_losses(model, np.roll(enc, 1, axis=0), tgt)
         print(f"{'slot':<10}{'true score':>12}{'wrong score':>13}{'difference':>12}")
         for name, a, b in zip(SLOT_NAMES, true, wrong):
             print(f"{name:<10}{a:12.4f}{b:13.4f}{b - a:12.4f}")
         down = float(((tgt.reshape(-1, TOKENS_PER_NOTE)[:, 4] - PEDAL_START) >= 64).mean())
         print(f"{len(enc)} windows of {args.notes} notes; first pedal sample down: "
-              f"{down:.2f} of the targets, mean model probability {p_down:.2f}")
+              f"{down:.2f} of the targets, mean model probability {p_down:.2f}; expected "
+              f"velocity vs the target's, teacher-forced: r {vel_r:.3f} per window")
     return 0
 
 
