@@ -38,7 +38,7 @@ from typing import Any
 
 DIMENSIONS = ("velocity", "duration", "ioi", "pedal", "overall")
 SCORES = ("js", "intersection")
-TARGET_JS = 0.30  # issue 5 acceptance: overall JS distance of the bundled model
+TARGET_JS = 0.20  # the bundled model aims at an overall JS distance of at most this
 REPO = Path(__file__).resolve().parents[1]
 
 
