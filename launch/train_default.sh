@@ -37,8 +37,8 @@
 #   --work-dir DIR        outputs (default out/default; out/default-smoke with --smoke)
 #   --seed N              training seed (params, data order, masking) of both stages (0)
 #   --split-seed N        ASAP train/validation split seed (0; changes the validation pieces)
-#   --pretrain-steps N    pre-training steps (config: 1000); warmup becomes N/10
-#   --sft-steps N         fine-tuning steps (config: 300); warmup becomes N/10
+#   --pretrain-steps N    pre-training steps (config: 600); warmup becomes N/10
+#   --sft-steps N         fine-tuning steps (config: 1600); warmup becomes N/10
 #   --pretrain-set K=V    extra dotted override for pre-training (repeatable), e.g.
 #                         --pretrain-set train.batch_size=16 ; --sft-set K=V likewise
 #   --eval-seeds "0 1 2"  rendering seeds for the evaluation (mean and spread over them)
