@@ -73,6 +73,9 @@ def trial(renderer, scores: dict, eval_dir: Path, out: Path, settings: dict,
                 midi.write_midi(tokenizer.decode_ids(perf, scores[name]), pred / f"{name}.mid")
         metrics = evaluate.evaluate_dirs(pred, eval_dir / "human", out=False,
                                          scores=eval_dir / "scores", log=lambda _: None)
+        if not metrics["notes"]["n_pieces"]:
+            raise ValueError("the note-level judge could not judge any piece "
+                             f"(run python -m pianist_jax.evaluate on {pred} to see why)")
         rows.append(summary(metrics))
     return {k: float(np.mean([np.nan if r[k] is None else r[k] for r in rows]))
             for k in rows[0]}

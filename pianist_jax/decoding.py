@@ -37,6 +37,8 @@ def check(settings: dict) -> dict:
     out = {}
     for name, lo_ok in (("temperature", lambda v: v >= 0), ("top_p", lambda v: 0 < v <= 1)):
         values = settings.get(name, {})
+        if not isinstance(values, dict):
+            raise DecodingError(f"{name}: expected {{kind: value}}, got {values!r}")
         if unknown := set(values) - set(KINDS):
             raise DecodingError(f"{name}: unknown slot kind(s) {sorted(unknown)}; "
                                 f"kinds are {', '.join(KINDS)}")

@@ -191,7 +191,12 @@ def load_piece(name: str, score_path, human_paths) -> Piece:
     humans = []
     for path in map(Path, human_paths):
         stamps = (score_path.stat().st_mtime_ns, path.resolve().stat().st_mtime_ns)
-        humans.append(_human(score_path, path, stamps))
+        try:
+            humans.append(_human(score_path, path, stamps))
+        except (midi.MidiError, align.AlignError):
+            continue  # an unreadable human file leaves the others (the histograms do too)
+    if not humans:
+        raise ValueError("none of its human performances could be read and paired")
     return Piece(name, midi.read_midi(score_path), humans)
 
 
@@ -242,6 +247,8 @@ def evaluate(items: list[tuple[str, Path, Path, list[Path]]], log=print) -> dict
 def format_table(notes: dict, label: str) -> str:
     """Rows: the rendering, the deadpan score, the human ceiling; columns: the four figures."""
     head = f"{'note level':<26}" + "".join(f"{k:>17}" for k in (*FIGURES, "pedal_down"))
+    if not notes["n_pieces"]:
+        return "note level: no piece could be judged (see the warnings)"
     rows = [head]
     for side, name in (("prediction", label), ("deadpan", "deadpan score"),
                        ("human_ceiling", "human vs other humans")):
@@ -249,7 +256,8 @@ def format_table(notes: dict, label: str) -> str:
         rows.append(f"{name[:25]:<26}" + "".join(
             f"{'nan' if vals[k] is None or math.isnan(vals[k]) else f'{vals[k]:.3f}':>17}"
             for k in (*FIGURES, "pedal_down")))
+    down = notes["human_pedal_down"]
     rows.append(f"{notes['n_pieces']} pieces ({notes['n_ceiling_pieces']} with >= 2 humans for "
-                f"the ceiling); humans hold the pedal at {notes['human_pedal_down']:.2f} of "
-                "onsets")
+                f"the ceiling); humans hold the pedal at "
+                f"{'nan' if down is None or math.isnan(down) else f'{down:.2f}'} of onsets")
     return "\n".join(rows)

@@ -144,3 +144,17 @@ def test_evaluate_cli_reports_the_note_level_judge(tmp_path):
     for k in ("velocity_r", "articulation_r"):
         assert pred[k] > ceiling[k] and pred[k] > 0.5
     assert notes_["deadpan"]["articulation_r"] == 0.0
+
+
+def test_an_unreadable_human_leaves_the_others(tmp_path):
+    score, human = score_and_human(n=120)
+    midi.write_midi(score, tmp_path / "s.mid")
+    midi.write_midi(human, tmp_path / "h1.mid")
+    (tmp_path / "h2.mid").write_bytes(b"not a midi file")
+    piece = ne.load_piece("p", tmp_path / "s.mid", [tmp_path / "h1.mid", tmp_path / "h2.mid"])
+    assert len(piece.humans) == 1
+    with pytest.raises(ValueError, match="none of its human"):
+        ne.load_piece("p", tmp_path / "s.mid", [tmp_path / "h2.mid"])
+    out = ne.evaluate([("p", tmp_path / "h1.mid", tmp_path / "s.mid", [tmp_path / "h2.mid"])],
+                      log=lambda _: None)
+    assert out["n_pieces"] == 0 and "no piece" in ne.format_table(out, "x")
