@@ -84,7 +84,7 @@ def test_cpu_sweep_is_cpu_sized():
     sizes = [sweep.size_info(points[i * len(spec.budgets)].cfg) for i in range(len(spec.sizes))]
     assert all(a["params_non_embedding"] < b["params_non_embedding"]
                for a, b in itertools.pairwise(sizes))
-    assert sum(p.tokens for p in points) < 3e6  # ~20 min on 2 cores (see README)
+    assert sum(p.tokens for p in points) < 3e6  # ~20 min on 2 cores (see docs/SCALING.md)
 
 
 def test_paper_sweep_sizes():
