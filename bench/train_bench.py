@@ -76,8 +76,8 @@ def synthetic_batch(batch: int, block: int, seed: int = 0) -> dict:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-REFERENCE_SMALL = ["model=small", "model.encoder_layers=4", "model.dtype=float32",
-                   "model.slot_logits=false"]
+# with --model small (the default): the reference's small configuration
+REFERENCE_SMALL = ["model.encoder_layers=4", "model.dtype=float32", "model.slot_logits=false"]
 
 
 def time_steps(step, state, batch, steps: int):
@@ -149,7 +149,7 @@ def main() -> None:
     if args.vs_reference:
         if args.model == "small" and args.batch == 2 and args.block == 4096:  # no sizes given
             args.batch, args.block = 4, 1024
-        args.overrides = REFERENCE_SMALL[1:] + args.overrides
+        args.overrides = REFERENCE_SMALL + args.overrides
 
     overrides = [f"model={args.model}", f"mesh.shape={args.mesh}", f"data.block_size={args.block}",
                  f"train.batch_size={args.batch}", f"train.microbatches={args.microbatches}",

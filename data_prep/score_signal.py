@@ -23,16 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.inspect import iter_records
-from pianist_jax.tokenizer import (
-    BOS,
-    IOI,
-    PEDAL_START,
-    SLOT_RANGES,
-    TIME_START,
-    TOKENS_PER_NOTE,
-    VELOCITY,
-    VELOCITY_START,
-)
+from pianist_jax.tokenizer import (BOS, IOI, PEDAL_START, SLOT_RANGES, TIME_START,
+                                   TOKENS_PER_NOTE, VELOCITY, VELOCITY_START)
 
 SLOT_NAMES = ("pitch", "ioi", "velocity", "duration", "pedal1", "pedal2", "pedal3", "pedal4")
 

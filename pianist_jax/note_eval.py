@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pianist_jax import align, midi
-from pianist_jax import tokenizer as tk
+from pianist_jax import align, midi, tokenizer as tk
 
 FIGURES = ("velocity_r", "tempo_r", "articulation_r", "pedal_agreement")
 PEDAL_DOWN = 64
@@ -151,17 +150,18 @@ def judge(pred: NoteFeatures, refs: list[NoteFeatures]) -> dict:
             "articulation_r": pearson(pred.articulation, ref["articulation"]),
             "pedal_agreement": (float((pred.pedal[both] == majority[both]).mean())
                                 if both.any() else math.nan),
-            "pedal_down": float(np.nanmean(pred.pedal)) if np.isfinite(pred.pedal).any()
-            else math.nan}
+            "pedal_down": finite_mean(pred.pedal)}
+
+
+def finite_mean(values) -> float:
+    """Mean of the values that are numbers (not None, not NaN); NaN if there are none."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
 
 
 def average(rows: list[dict], keys=(*FIGURES, "pedal_down")) -> dict:
     """Mean of each figure over the rows that have it (NaN if none)."""
-    out = {}
-    for k in keys:
-        vals = [r[k] for r in rows if r.get(k) is not None and not math.isnan(r[k])]
-        out[k] = float(np.mean(vals)) if vals else math.nan
-    return out
+    return {k: finite_mean(r.get(k) for r in rows) for k in keys}
 
 
 @dataclass
@@ -228,16 +228,15 @@ def evaluate(items: list[tuple[str, Path, Path, list[Path]]], log=print) -> dict
                    "prediction": judge_rendering(piece, pred_path),
                    "deadpan": judge(piece.deadpan, piece.humans),
                    "human_ceiling": human_ceiling(piece),
-                   "human_pedal_down": average([{"pedal_down": float(np.nanmean(h.pedal))}
-                                                for h in piece.humans], ("pedal_down",)
-                                               )["pedal_down"]}
+                   "human_pedal_down": finite_mean(finite_mean(h.pedal)
+                                                   for h in piece.humans)}
         except (midi.MidiError, align.AlignError, ValueError) as err:
             log(f"warning: note-level judge skips {name}: {getattr(err, 'reason', err)}")
             continue
         per_piece.append(row)
     out = {side: average([p[side] for p in per_piece if p[side] is not None])
            for side in ("prediction", "deadpan", "human_ceiling")}
-    out["human_pedal_down"] = average(per_piece, ("human_pedal_down",))["human_pedal_down"]
+    out["human_pedal_down"] = finite_mean(p["human_pedal_down"] for p in per_piece)
     out["n_pieces"] = len(per_piece)
     out["n_ceiling_pieces"] = sum(p["human_ceiling"] is not None for p in per_piece)
     out["per_piece"] = per_piece
