@@ -6,9 +6,7 @@
 Random weights (speed does not depend on quality), a fixed ~500-note score (one 512-note
 window, the renderer's full-size bucket), sampling at the defaults (temperature 1, top-p 0.95).
 Compilation is done first and reported separately; each figure is the best of ``--repeats``
-timed renders. The reference implementation renders about 4.8 notes/s for the 135M model on
-this kind of 2-core CPU (fp32, batch 1); the target is >= 24 notes/s at batch 1 and >= 150
-notes/s at batch 8.
+timed renders. `bench/render_vs_reference.py` compares with the PyTorch reference renderer.
 """
 
 from __future__ import annotations
@@ -87,14 +85,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def native_note() -> str:
-    """Which native kernel build the renderer will use, or why none."""
-    from pianist_jax import native_kernels
-
-    ok, why = native_kernels.load()
-    return f"native kernels: {native_kernels.isa()} build" if ok else f"no native kernels: {why}"
-
-
 def add_case_args(p: argparse.ArgumentParser) -> None:
     """The cases a render bench covers (also `render_floor`'s, so the two tables line up)."""
     p.add_argument("--models", nargs="+", default=["base", "small"])
@@ -114,7 +104,7 @@ def main() -> None:
     score = fixed_score(args.notes)
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPU threads; "
           f"score {len(score) // 8} notes")
-    print(f"CPU: {cpu_name()}; {native_note()}")
+    print(f"CPU: {cpu_name()}")
     print(f"{'model':>6} {'dtype':>9} {'batch':>5} {'notes/s':>9} {'s/render':>9} "
           f"{'compile s':>9}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,10 +7,9 @@ Why: the render speed targets are met on some CPUs and not on others, and the qu
 given machine is whether the renderer or the machine is the limit. This script measures two
 figures of the machine and counts the work of one render of `render_bench`'s score:
 
-- ``stream``: GB/s of reading memory (the native ``[out, in]`` kernel, one row, over a 64 MiB
-  bfloat16 matrix: it reads each byte once; without the kernels an XLA sum);
+- ``stream``: GB/s of reading memory (XLA's sum over a 64 MiB float32 array);
 - ``compute``: GFLOP/s of the best dense float32 product (XLA, ``[4096, hidden] x
-  [hidden, mlp]``; with the kernels also their 8-row product over a cached matrix).
+  [hidden, mlp]``).
 
 Work, counted from the model config the way `pianist_jax.render_core` runs one window (7 decoder
 steps per note, the first with two tokens; the last layer of that step continues with one):
@@ -54,21 +53,10 @@ def measure_machine(hidden: int, mlp: int, rounds: int = 6) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from pianist_jax import native_kernels
-
-    native, _ = native_kernels.load()
     a, b = jnp.ones((4096, hidden), jnp.float32), jnp.ones((hidden, mlp), jnp.float32)
-    streams, computes = [], [(2 * a.shape[0] * hidden * mlp, jax.jit(jnp.matmul), (a, b), 2)]
-    if native:  # the kernel reads each byte of a 64 MiB matrix once for one row
-        product = jax.jit(native_kernels.matvec_t)
-        for dtype, rows in ((jnp.bfloat16, 32768), (jnp.float32, 16384)):
-            w = jnp.ones((rows, 1024), dtype)
-            streams.append((w.nbytes, product, (jnp.ones((1, 1024)), w), 3))
-        w = jnp.ones((2048, hidden), jnp.bfloat16)  # 8 rows, the matrix in the L2/L3 cache
-        computes.append((2 * 8 * w.size, product, (jnp.ones((8, hidden)), w), 50))
-    else:
-        w = jnp.ones((16 << 20,), jnp.float32)
-        streams.append((w.nbytes, jax.jit(jnp.sum), (w,), 3))
+    computes = [(2 * a.shape[0] * hidden * mlp, jax.jit(jnp.matmul), (a, b), 2)]
+    w = jnp.ones((16 << 20,), jnp.float32)
+    streams = [(w.nbytes, jax.jit(jnp.sum), (w,), 3)]
     best = {"stream": 0.0, "compute": 0.0}
     for _ in range(rounds):
         for key, cases in (("stream", streams), ("compute", computes)):
@@ -78,7 +66,8 @@ def measure_machine(hidden: int, mlp: int, rounds: int = 6) -> dict:
 
 
 def layer_macs(cfg) -> dict:
-    """Multiply-adds per token of one decoder layer's products (the fused matrices)."""
+    """Multiply-adds per token of one decoder layer's products (q/k/v, o, cross q, cross o,
+    the MLP's gate/up and down)."""
     h, d = cfg.hidden, cfg.head_dim
     n, k = cfg.num_heads * d, cfg.num_kv_heads * d
     return {"qkv": h * (n + 2 * k), "o": n * h, "cross_q": h * n, "cross_o": n * h,
@@ -126,7 +115,7 @@ def floor(work: dict, machine: dict) -> dict:
 
 
 def main() -> None:
-    from render_bench import add_case_args, cpu_name, native_note
+    from render_bench import add_case_args, cpu_name
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_case_args(p)
@@ -136,7 +125,7 @@ def main() -> None:
 
     from pianist_jax.config import load_config
 
-    print(f"CPU: {cpu_name()}; {native_note()}")
+    print(f"CPU: {cpu_name()}")
     cfgs = {name: load_config(None, [f"model={name}"]).model for name in args.models}
     machine = measure_machine(max(c.hidden for c in cfgs.values()),
                               max(c.mlp for c in cfgs.values()))

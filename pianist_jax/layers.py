@@ -133,14 +133,22 @@ class Attention(nnx.Module):
         self.logit_cap = cfg.attn_logit_softcap
         self.dtype = cfg.dtype
 
-    def queries(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
-        q = project("btm,mhd->bthd", x, use_weight(self.q_proj, self.dtype))
-        return apply_rope(q, positions, self.theta) if self.rope else q
+    def _rope(self, x: jax.Array, positions: jax.Array | None, tables) -> jax.Array:
+        if not self.rope:
+            return x
+        return rotate(x, *tables) if tables is not None else apply_rope(x, positions, self.theta)
 
-    def keys_values(self, x: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    def queries(self, x: jax.Array, positions: jax.Array | None, tables=None) -> jax.Array:
+        """Queries ``[B, T, H, D]``; ``tables``: ready rotary tables for the positions
+        (`rope_tables`), which a decode loop makes once instead of at every step."""
+        q = project("btm,mhd->bthd", x, use_weight(self.q_proj, self.dtype))
+        return self._rope(q, positions, tables)
+
+    def keys_values(self, x: jax.Array, positions: jax.Array | None,
+                    tables=None) -> tuple[jax.Array, jax.Array]:
         k = project("bsm,mkd->bskd", x, use_weight(self.k_proj, self.dtype))
         v = project("bsm,mkd->bskd", x, use_weight(self.v_proj, self.dtype))
-        return (apply_rope(k, positions, self.theta) if self.rope else k), v
+        return self._rope(k, positions, tables), v
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         """``q [B,T,H,D]``, ``k/v [B,S,K,D]``, boolean ``mask`` broadcastable to ``[B,T,S]``."""
@@ -152,6 +160,26 @@ class Attention(nnx.Module):
         logits = jnp.where(mask[:, None, None, :, :], logits, _NEG)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+        return project("bthd,hdm->btm", out, use_weight(self.o_proj, self.dtype))
+
+    def attend_cached(self, q: jax.Array, keys: jax.Array, values: jax.Array,
+                      mask: jax.Array) -> jax.Array:
+        """`attend` over a cache in the decoding layout (`cache_layout`): ``keys [B*K, D, S]``,
+        ``values [B*K, S, D]``, ``mask`` broadcastable to ``[B, T, S]``. Batch and kv-head
+        axes are merged so each product has one batch axis and XLA reads the cache in place
+        (with separate axes it copied and transposed the whole cache at every step)."""
+        b, t, n, d = q.shape
+        kv = values.shape[0] // b
+        g = n // kv
+        qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, d)
+        logits = jnp.einsum("nqd,nds->nqs", qg, keys.astype(q.dtype))
+        logits = logits * jnp.asarray(self.scale, q.dtype)
+        logits = softcap(logits.astype(jnp.float32), self.logit_cap).reshape(b, kv, g, t, -1)
+        mask = jnp.broadcast_to(mask, (b, t, mask.shape[-1]))
+        probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, _NEG), axis=-1)
+        probs = probs.reshape(b * kv, g * t, -1).astype(q.dtype)
+        out = jnp.einsum("nqs,nsd->nqd", probs, values.astype(q.dtype))
+        out = out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
         return project("bthd,hdm->btm", out, use_weight(self.o_proj, self.dtype))
 
     def attend_causal(self, q, k, v, mask, chunk: int | None, window: int | None) -> jax.Array:
@@ -209,7 +237,9 @@ class EncoderLayer(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Causal self-attention (optionally against a KV cache), cross-attention, MLP."""
+    """Causal self-attention, cross-attention, MLP: over a whole block (`__call__`) or a few
+    tokens at a time against a cache (`step`, the one decoding path: cached scoring and the
+    renderer both use it)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
@@ -224,32 +254,56 @@ class DecoderLayer(nnx.Module):
         self.post_ffw_norm = RMSNorm(cfg.hidden, **kw)
         self.attn_chunk = cfg.attn_chunk
 
-    def __call__(self, x, self_mask, positions, cross_kv, cross_mask, cache=None, index=None,
-                 window: int | None = None, attend_len: int | None = None):
-        """One layer. ``cross_kv``: this layer's (k, v) of the encoder states.
-
-        With ``cache`` (``{"k", "v"}: [B, S, K, D]``) the new keys/values are written at
-        ``index`` and attention runs over the first ``attend_len`` cache entries (default all;
-        a renderer that knows the cache is only filled that far passes it to read less);
-        ``self_mask`` covers ``[T, attend_len]``. Returns ``(x, new_cache)``.
-        """
+    def __call__(self, x, self_mask, positions, cross_kv, cross_mask,
+                 window: int | None = None) -> jax.Array:
+        """The whole block at once (training, scoring). ``cross_kv``: this layer's (k, v) of
+        the encoder states ``[B, N, K, D]``."""
         h = self.pre_self_attn_norm(x)
         q = self.self_attn.queries(h, positions)
         k, v = self.self_attn.keys_values(h, positions)
-        if cache is None:
-            attn = self.self_attn.attend_causal(q, k, v, self_mask, self.attn_chunk, window)
-        else:
-            cache = {name: jax.lax.dynamic_update_slice_in_dim(
-                cache[name], new.astype(cache[name].dtype), index, 1)
-                for name, new in (("k", k), ("v", v))}
-            n = cache["v"].shape[1] if attend_len is None else attend_len
-            attn = self.self_attn.attend(q, cache["k"][:, :n], cache["v"][:, :n], self_mask)
-        x = x + self.post_self_attn_norm(attn)
+        x = x + self.post_self_attn_norm(
+            self.self_attn.attend_causal(q, k, v, self_mask, self.attn_chunk, window))
+        return self._cross_and_mlp(x, lambda q: self.cross_attn.attend(q, *cross_kv, cross_mask))
+
+    def step(self, x, positions, rope, cache, cross, cross_mask, window: int | None = None,
+             last_only: bool = False):
+        """Cached decoding of ``x [B, T, H]`` at ``positions [T]`` (consecutive), with their
+        rotary ``rope`` tables ``[1, T, 1, D]``: writes the tokens' keys and values into
+        ``cache`` (``(keys [B*K, D, S], values [B*K, S, D])``, `cache_layout`) and attends over
+        all ``S`` entries up to each token's position; ``cross``: the encoder's keys and values
+        in the same layout. ``last_only``: compute the outputs of the last token only (the
+        others' keys and values are all that is needed from them).
+        Returns ``(x, new_cache)``."""
+        h = self.pre_self_attn_norm(x)
+        q = self.self_attn.queries(h, None, rope)
+        k, v = self.self_attn.keys_values(h, None, rope)
+        keys, values = cache
+        keys = jax.lax.dynamic_update_slice_in_dim(
+            keys, cache_layout(k, keys=True).astype(keys.dtype), positions[0], 2)
+        values = jax.lax.dynamic_update_slice_in_dim(
+            values, cache_layout(v).astype(values.dtype), positions[0], 1)
+        if last_only and x.shape[1] > 1:
+            q, x, positions = q[:, -1:], x[:, -1:], positions[-1:]
+        mask = window_mask(positions, jnp.arange(values.shape[1]), window, causal=True)[None]
+        x = x + self.post_self_attn_norm(self.self_attn.attend_cached(q, keys, values, mask))
+        x = self._cross_and_mlp(
+            x, lambda q: self.cross_attn.attend_cached(q, *cross, cross_mask))
+        return x, (keys, values)
+
+    def _cross_and_mlp(self, x, cross_attend):
         h = self.pre_cross_attn_norm(x)
-        cross = self.cross_attn.attend(self.cross_attn.queries(h, None), *cross_kv, cross_mask)
-        x = x + self.post_cross_attn_norm(cross)
-        x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
-        return x, cache
+        x = x + self.post_cross_attn_norm(cross_attend(self.cross_attn.queries(h, None)))
+        return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+
+
+def cache_layout(x: jax.Array, keys: bool = False) -> jax.Array:
+    """Keys or values ``[B, S, K, D]`` -> the decoding caches' layout, batch and kv-head axes
+    merged: values ``[B*K, S, D]``, keys ``[B*K, D, S]`` (as the attention products read
+    them: see `Attention.attend_cached`)."""
+    b, s, k, d = x.shape
+    if keys:
+        return x.transpose(0, 2, 3, 1).reshape(b * k, d, s)
+    return x.transpose(0, 2, 1, 3).reshape(b * k, s, d)
 
 
 def is_sliding(layer_index: int) -> bool:

@@ -27,8 +27,9 @@ import numpy as np
 from flax import nnx
 
 from pianist_jax.config_schema import SLOTS_PER_NOTE, ModelConfig
-from pianist_jax.layers import (DecoderLayer, EncoderLayer, RMSNorm, constrain, is_sliding,
-                                logical_param, softcap, use_weight, window_mask)
+from pianist_jax.layers import (DecoderLayer, EncoderLayer, RMSNorm, cache_layout, constrain,
+                                is_sliding, logical_param, rope_tables, softcap, use_weight,
+                                window_mask)
 from pianist_jax.tokenizer import PAD, SLOT_RANGES
 
 
@@ -98,14 +99,10 @@ class Decoder(nnx.Module):
         """Per-layer cross-attention keys/values: computed once per encoded window."""
         return [layer.cross_attn.keys_values(enc_states, None) for layer in self.layers]
 
-    def __call__(self, ids, cross_kv, enc_mask, cache=None, vocab_slice=None, attend_len=None,
-                 note_states=None):
-        """Logits ``[B, T, vocab]`` (or the ``vocab_slice`` rows) in float32 and the new cache."""
-        x, table, new_cache = self.hidden(ids, cross_kv, enc_mask, cache, attend_len,
-                                          note_states)
-        if vocab_slice is not None:  # only the rows a token slot can take (renderer)
-            table = table[vocab_slice[0]:vocab_slice[1]]
-        return self.project(x, table), new_cache
+    def __call__(self, ids, cross_kv, enc_mask, note_states=None):
+        """Logits ``[B, T, vocab]`` in float32 of a whole block (no cache)."""
+        x, table = self.hidden(ids, cross_kv, enc_mask, note_states)
+        return self.project(x, table)
 
     def project(self, x: jax.Array, table: jax.Array) -> jax.Array:
         """Final states ``[..., H]`` times embedding rows ``table [V, H]`` -> soft-capped float32
@@ -129,35 +126,61 @@ class Decoder(nnx.Module):
             x = x + jnp.take(note_states, note, axis=1).astype(x.dtype)
         return x
 
-    def hidden(self, ids, cross_kv, enc_mask, cache=None, attend_len=None, note_states=None):
-        """Final-norm'd states ``[B, T, H]`` (compute dtype), the embedding table as used in
-        matmuls (compute dtype, `use_weight`), and the new cache (None without one)."""
+    def hidden(self, ids, cross_kv, enc_mask, note_states=None):
+        """Final-norm'd states ``[B, T, H]`` (compute dtype) of a whole block and the
+        embedding table as used in matmuls (compute dtype, `use_weight`)."""
         cfg, dtype = self.cfg, self.cfg.dtype
         b, t = ids.shape
-        index = 0 if cache is None else cache["index"]
-        q_pos = index + jnp.arange(t)
-        if cache is not None and attend_len is None:
-            attend_len = cache["layers"][0]["v"].shape[1]
-        k_pos = q_pos if cache is None else jnp.arange(attend_len)
-        causal = window_mask(q_pos, k_pos, None, causal=True)[None]
-        sliding = window_mask(q_pos, k_pos, cfg.sliding_window, causal=True)[None]
-        if cache is None:  # as T5Gemma: PAD keys are masked (only rows after a PAD change)
-            real = (ids != PAD)[:, None, :]
-            causal, sliding = causal & real, sliding & real
+        q_pos = jnp.arange(t)
+        real = (ids != PAD)[:, None, :]  # as T5Gemma: PAD keys are masked
+        causal = window_mask(q_pos, q_pos, None, causal=True)[None] & real
+        sliding = window_mask(q_pos, q_pos, cfg.sliding_window, causal=True)[None] & real
         cross_mask = enc_mask[:, None, :]
         positions = jnp.broadcast_to(q_pos, (b, t))
         table = use_weight(self.embed_tokens, dtype)
         x = constrain(self.embed(ids, q_pos, note_states, table), "batch", "length", None)
-        new_layers = []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache["layers"][i]
             window = cfg.sliding_window if is_sliding(i) else None
-            x, layer_cache = layer(x, sliding if window else causal, positions,
-                                   cross_kv[i], cross_mask, layer_cache, index, window, attend_len)
+            x = layer(x, sliding if window else causal, positions, cross_kv[i], cross_mask,
+                      window)
             x = constrain(x, "batch", "length", None)
-            new_layers.append(layer_cache)
-        new_cache = None if cache is None else {"index": index + t, "layers": new_layers}
-        return self.norm(x), table, new_cache
+        return self.norm(x), table
+
+    def step(self, ids, index, caches, cross, cross_mask, note_states=None, rope=None,
+             last_only: bool = False):
+        """Cached decoding of ``ids [B, T]`` at positions ``index .. index + T - 1``: the one
+        decoding step that `PianistTransformer.decode` and the renderer share.
+
+        ``caches``: per layer ``(keys, values)`` in `cache_layout` (the renderer may pass a
+        prefix of them: attention then reads only that far); ``cross``: per layer the
+        encoder's keys and values in the same layout (`cross_cache`) and ``cross_mask
+        [B, 1, N]``; ``rope``: the rotary tables of every position (`rope_tables`), made once
+        by a loop, else computed here; ``last_only``: the last layer computes the last
+        token's outputs only. Returns final-norm'd states ``[B, T (1 if last_only), H]`` and
+        the new caches."""
+        cfg = self.cfg
+        t = ids.shape[1]
+        positions = index + jnp.arange(t)
+        if rope is None:
+            rope = rope_tables(positions[None], cfg.head_dim, cfg.rope_theta, cfg.dtype)
+        else:
+            rope = tuple(jax.lax.dynamic_slice_in_dim(r, index, t, axis=1) for r in rope)
+        x = self.embed(ids, positions, note_states, use_weight(self.embed_tokens, cfg.dtype))
+        new = []
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            window = cfg.sliding_window if is_sliding(i) else None
+            x, cache = layer.step(x, positions, rope, caches[i], cross[i], cross_mask, window,
+                                  last_only and i == last)
+            new.append(cache)
+        return self.norm(x), new
+
+    def cross_cache(self, enc_states: jax.Array, dtype=None) -> list[tuple[jax.Array, ...]]:
+        """Per layer the cross-attention keys and values of the encoder states in
+        `cache_layout` (``dtype``: default the compute dtype): made once per encoded window."""
+        dtype = dtype or self.cfg.dtype
+        return [(cache_layout(k, keys=True).astype(dtype), cache_layout(v).astype(dtype))
+                for k, v in self.cross_kv(enc_states)]
 
 
 class PianistTransformer(nnx.Module):
@@ -173,36 +196,34 @@ class PianistTransformer(nnx.Module):
         of its 8 tokens is not PAD)."""
         return self.encoder(jnp.asarray(encoder_ids))
 
-    def decode(self, decoder_ids, enc_states, enc_mask, cache=None, vocab_slice=None,
-               attend_len=None):
-        """Logits for ``decoder_ids [B, T]``; with ``cache`` (from `init_cache`) the tokens are
-        placed at ``cache["index"]`` and ``(logits, new_cache)`` is returned. ``attend_len``
-        (static): attend only to the first that many cache entries - the caller guarantees
-        ``cache["index"] + T <= attend_len`` (the renderer's note segments)."""
+    def decode(self, decoder_ids, enc_states, enc_mask, cache=None, vocab_slice=None):
+        """Logits for ``decoder_ids [B, T]`` (``vocab_slice``: only those rows); with ``cache``
+        (from `init_cache`) the tokens are placed at ``cache["index"]`` through
+        `Decoder.step` and ``(logits, new_cache)`` is returned."""
+        decoder = self.decoder
+        table = use_weight(decoder.embed_tokens, self.cfg.dtype)
+        if vocab_slice is not None:
+            table = table[vocab_slice[0]:vocab_slice[1]]
         if cache is None:
-            cross = self.decoder.cross_kv(enc_states)
-            logits, _ = self.decoder(jnp.asarray(decoder_ids), cross, enc_mask, None, vocab_slice,
-                                     note_states=enc_states)
-            return logits
-        cross = [(layer["ck"], layer["cv"]) for layer in cache["cross"]]
-        self_cache = {"index": cache["index"], "layers": cache["layers"]}
-        logits, new = self.decoder(jnp.asarray(decoder_ids), cross, enc_mask, self_cache,
-                                   vocab_slice, attend_len, enc_states)
-        return logits, {**cache, "index": new["index"], "layers": new["layers"]}
+            x, _ = decoder.hidden(jnp.asarray(decoder_ids), decoder.cross_kv(enc_states),
+                                  enc_mask, enc_states)
+            return decoder.project(x, table)
+        x, layers = decoder.step(jnp.asarray(decoder_ids), cache["index"], cache["layers"],
+                                 cache["cross"], enc_mask[:, None, :], enc_states)
+        new = {**cache, "index": cache["index"] + x.shape[1], "layers": layers}
+        return decoder.project(x, table), new
 
     def init_cache(self, enc_states: jax.Array, max_length: int, dtype=None) -> dict:
-        """Empty self-attention cache of ``max_length`` tokens + the cross-attention K/V."""
+        """Empty self-attention caches of ``max_length`` tokens in `cache_layout` + the
+        cross-attention keys and values (``dtype``: default the compute dtype)."""
         cfg = self.cfg
         dtype = dtype or cfg.dtype
-        b = enc_states.shape[0]
-        shape = (b, max_length, cfg.num_kv_heads, cfg.head_dim)
-        cross = self.decoder.cross_kv(enc_states)
-        return {
-            "index": jnp.zeros((), jnp.int32),
-            "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                       for _ in range(cfg.decoder_layers)],
-            "cross": [{"ck": k, "cv": v} for k, v in cross],
-        }
+        rows = enc_states.shape[0] * cfg.num_kv_heads
+        layers = [(jnp.zeros((rows, cfg.head_dim, max_length), dtype),
+                   jnp.zeros((rows, max_length, cfg.head_dim), dtype))
+                  for _ in range(cfg.decoder_layers)]
+        return {"index": jnp.zeros((), jnp.int32), "layers": layers,
+                "cross": self.decoder.cross_cache(enc_states, dtype)}
 
     def __call__(self, encoder_ids, decoder_input_ids) -> jax.Array:
         states, mask = self.encode(encoder_ids)
@@ -225,7 +246,7 @@ class PianistTransformer(nnx.Module):
         b, t = ids.shape
         if t % SLOTS_PER_NOTE:
             raise ValueError(f"decoder ids length {t} is not a multiple of {SLOTS_PER_NOTE}")
-        x, table, _ = decoder.hidden(ids, decoder.cross_kv(states), mask, note_states=states)
+        x, table = decoder.hidden(ids, decoder.cross_kv(states), mask, note_states=states)
         x = constrain(x.reshape(b, t // SLOTS_PER_NOTE, SLOTS_PER_NOTE, x.shape[-1]),
                       "batch", "notes", None, None)
         out = []

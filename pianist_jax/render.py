@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pianist_jax import decoding, midi, native_kernels, tokenizer
+from pianist_jax import decoding, midi, tokenizer
 from pianist_jax.tokenizer import TOKENS_PER_NOTE
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default"
@@ -71,8 +71,7 @@ class Renderer:
     """An exported model ready to render; compiled window functions are kept per shape."""
 
     def __init__(self, model_dir: str | Path | None = None, *, dtype: str = "float32",
-                 window: int = 512, shift: int = 256, tail: float = 0.2,
-                 native: bool | None = None):
+                 window: int = 512, shift: int = 256, tail: float = 0.2):
         import jax
         from flax import nnx
 
@@ -97,31 +96,12 @@ class Renderer:
             raise RenderError(f"dtype must be float32 or bfloat16, not {dtype!r}")
         self.device = jax.devices()[0]
         self.sharding = jax.sharding.SingleDeviceSharding(self.device)
-        # the native CPU kernels (None: when they can be built; see native_kernels.py)
-        self.native, self.native_note = False, "CPU only"
-        if native is not False and self.device.platform == "cpu":
-            self.native, self.native_note = native_kernels.load()
-        if native and not self.native:
-            raise RenderError(f"native kernel requested but unavailable: {self.native_note}")
-        # bfloat16 on the native kernels: parameters and caches stored in bfloat16 (half the
-        # bytes per step), arithmetic in float32; elsewhere bfloat16 is the compute dtype too
-        compute = "float32" if self.native else dtype
-        self.cache_dtype = dtype
-        cfg = dataclasses.replace(cfg, dtype=compute, param_dtype=dtype)
+        cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
         bad = export.shape_mismatches(params, cfg)
         if bad:
             raise RenderError(f"{model_dir}: parameters do not match model.yaml: {bad[:4]}")
         abstract = nnx.eval_shape(lambda: PianistTransformer(cfg, rngs=nnx.Rngs(0)))
         self.graphdef, state = nnx.split(abstract)
-        # ... but the encoder (large products, once per window) runs in bfloat16 with float32
-        # sums on CPUs that multiply bfloat16 in hardware, where XLA:CPU computes it ~2.4x
-        # faster than in float32 (base, batch 8, Intel AMX: 7.3 -> 3.0 s); on the others XLA
-        # widens bfloat16 and float32 is faster (AMD Zen 3, base, 8 x 512 notes: 10.0 -> 7.9 s)
-        self.encoder_graphdef = None
-        if compute != dtype and native_kernels.cpu_multiplies_bf16():
-            bf16 = dataclasses.replace(cfg, dtype=dtype)
-            self.encoder_graphdef = nnx.graphdef(
-                nnx.eval_shape(lambda: PianistTransformer(bf16, rngs=nnx.Rngs(0))))
         cast = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
         nnx.replace_by_pure_dict(state, cast)
         self.params = jax.device_put(state, self.sharding)
@@ -145,10 +125,7 @@ class Renderer:
         if key not in self._compiled:
             t0 = time.perf_counter()
             s = self.sharding
-            fn = jax.jit(render_core.make_window_fn(self.graphdef, notes, prime,
-                                                    native=self.native,
-                                                    cache_dtype=self.cache_dtype,
-                                                    encoder_graphdef=self.encoder_graphdef),
+            fn = jax.jit(render_core.make_window_fn(self.graphdef, notes, prime),
                          in_shardings=(s,) * 8, out_shardings=s)
             i32, f32 = jnp.int32, jnp.float32
             spec = jax.ShapeDtypeStruct
@@ -348,9 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DAW-friendly output on the score's beat grid (Expressive Tempo Mapping)")
     p.add_argument("--batch-size", type=int, default=8, help="rows rendered together")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16: parameters and caches in bfloat16 (half the bytes per "
-                        "step; with the native CPU kernels sums stay float32 and it is the "
-                        "faster setting)")
+                   help="bfloat16: parameters, activations and caches in bfloat16 (half the "
+                        "bytes per step; the fast choice on GPUs and TPUs)")
     p.add_argument("--window-notes", type=int, default=512, help=argparse.SUPPRESS)
     p.add_argument("--shift-notes", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

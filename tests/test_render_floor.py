@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from pianist_jax import render_core
 from pianist_jax.config import load_config
 from pianist_jax.model import PianistTransformer
 from pianist_jax.tokenizer import TOKENS_PER_NOTE
@@ -16,13 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import render_floor  # noqa: E402
 
 
-def test_layer_products_match_the_fused_matrices():
+def test_layer_products_match_the_decoder_matrices():
     cfg = load_config(None, ["model=tiny", "model.dtype=float32"]).model
-    model = PianistTransformer(cfg, rngs=nnx.Rngs(0))
-    fused, _ = render_core.fuse_weights(model, rows=2)
-    assert len(fused) == cfg.decoder_layers
-    sizes = {k: int(w.size) for k, w in fused[0].items()}
-    assert sizes == render_floor.layer_macs(cfg)
+    layer = PianistTransformer(cfg, rngs=nnx.Rngs(0)).decoder.layers[0]
+    a, c, mlp = layer.self_attn, layer.cross_attn, layer.mlp
+    sizes = {"qkv": a.q_proj.size + a.k_proj.size + a.v_proj.size, "o": a.o_proj.size,
+             "cross_q": c.q_proj.size, "cross_o": c.o_proj.size,
+             "gate_up": mlp.gate_proj.size + mlp.up_proj.size, "down": mlp.down_proj.size}
+    assert {k: int(v) for k, v in sizes.items()} == render_floor.layer_macs(cfg)
 
 
 def test_counts_by_enumerating_the_steps():
