@@ -11,7 +11,7 @@ figures of the machine and counts the work of one render of `render_bench`'s sco
 - ``compute``: GFLOP/s of the best dense float32 product (XLA, ``[4096, hidden] x
   [hidden, mlp]``).
 
-Work, counted from the model config the way `pianist_jax.render_core` runs one window (7 decoder
+Work, counted from the model config the way `pianist_jax.render.core` runs one window (7 decoder
 steps per note, the first with two tokens; the last layer of that step continues with one):
 the encoder's products and attention, the decoder's products and output logits (FLOPs), and
 the bytes every decoder step must read: the weights, and the visible part of the self- and
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STEPS = 7  # decoder steps per note (`render_core`: the Pitch step fused with the next)
+STEPS = 7  # decoder steps per note (`pianist_jax.render.core`: the Pitch step fused with the next)
 
 
 def _best(fn, *args, repeats: int = 5, inner: int = 10) -> float:
@@ -70,8 +70,14 @@ def layer_macs(cfg) -> dict:
     the MLP's gate/up and down)."""
     h, d = cfg.hidden, cfg.head_dim
     n, k = cfg.num_heads * d, cfg.num_kv_heads * d
-    return {"qkv": h * (n + 2 * k), "o": n * h, "cross_q": h * n, "cross_o": n * h,
-            "gate_up": 2 * h * cfg.mlp, "down": cfg.mlp * h}
+    return {
+        "qkv": h * (n + 2 * k),
+        "o": n * h,
+        "cross_q": h * n,
+        "cross_o": n * h,
+        "gate_up": 2 * h * cfg.mlp,
+        "down": cfg.mlp * h,
+    }
 
 
 def count_work(cfg, notes: int, batch: int, weight_bytes: int, cache_bytes: int) -> dict:
@@ -81,8 +87,11 @@ def count_work(cfg, notes: int, batch: int, weight_bytes: int, cache_bytes: int)
     per_layer = layer_macs(cfg)
     layer = sum(per_layer.values())
     last_fused = layer + per_layer["qkv"]  # last layer, fused step: both tokens' keys/values
-    dec_macs_note = ((STEPS - 1) * cfg.decoder_layers * layer  # one token per step
-                     + (cfg.decoder_layers - 1) * 2 * layer + last_fused)
+    dec_macs_note = (
+        (STEPS - 1) * cfg.decoder_layers * layer  # one token per step
+        + (cfg.decoder_layers - 1) * 2 * layer
+        + last_fused
+    )
     logits_macs_note = cfg.hidden * (2 * 5000 + 128 + 4 * 128)  # IOI, duration; vel., pedals
     kv = cfg.num_kv_heads * cfg.head_dim
     cross_kv_macs = cfg.decoder_layers * notes * cfg.hidden * 2 * kv  # per row, once
@@ -101,16 +110,23 @@ def count_work(cfg, notes: int, batch: int, weight_bytes: int, cache_bytes: int)
         "weight_bytes": notes * STEPS * weights,  # read once per step for the whole batch
         "self_cache_bytes": batch * visible * token_bytes,
         "cross_cache_bytes": batch * notes * STEPS * notes * token_bytes,
-        "attn_flops": 2 * batch * 2 * heads * d * (visible + notes * STEPS * notes)
-        * cfg.decoder_layers}
+        "attn_flops": 2
+        * batch
+        * 2
+        * heads
+        * d
+        * (visible + notes * STEPS * notes)
+        * cfg.decoder_layers,
+    }
 
 
 def floor(work: dict, machine: dict) -> dict:
     """Lower-bound seconds per part (max of its compute and memory time)."""
     c, s = machine["compute"], machine["stream"]
     products = max(work["decoder_flops"] / c, work["weight_bytes"] / s)
-    attention = max(work["attn_flops"] / c,
-                    (work["self_cache_bytes"] + work["cross_cache_bytes"]) / s)
+    attention = max(
+        work["attn_flops"] / c, (work["self_cache_bytes"] + work["cross_cache_bytes"]) / s
+    )
     return {"encoder": work["encoder_flops"] / c, "products": products, "attention": attention}
 
 
@@ -127,21 +143,29 @@ def main() -> None:
 
     print(f"CPU: {cpu_name()}")
     cfgs = {name: load_config(None, [f"model={name}"]).model for name in args.models}
-    machine = measure_machine(max(c.hidden for c in cfgs.values()),
-                              max(c.mlp for c in cfgs.values()))
-    print(f"measured: stream {machine['stream'] / 1e9:.1f} GB/s, "
-          f"compute {machine['compute'] / 1e9:.1f} GFLOP/s (float32)")
-    print(f"{'model':>6} {'dtype':>9} {'batch':>5} {'encoder s':>9} {'products s':>10} "
-          f"{'attention s':>11} {'floor s':>8} {'max notes/s':>11}")
+    machine = measure_machine(
+        max(c.hidden for c in cfgs.values()), max(c.mlp for c in cfgs.values())
+    )
+    print(
+        f"measured: stream {machine['stream'] / 1e9:.1f} GB/s, "
+        f"compute {machine['compute'] / 1e9:.1f} GFLOP/s (float32)"
+    )
+    print(
+        f"{'model':>6} {'dtype':>9} {'batch':>5} {'encoder s':>9} {'products s':>10} "
+        f"{'attention s':>11} {'floor s':>8} {'max notes/s':>11}"
+    )
     for name, cfg in cfgs.items():
         for dtype in args.dtypes:
             size = 2 if dtype == "bfloat16" else 4  # weights and caches as the renderer keeps them
             for batch in args.batches:
                 parts = floor(count_work(cfg, args.notes, batch, size, size), machine)
                 total = sum(parts.values())
-                print(f"{name:>6} {dtype:>9} {batch:>5} {parts['encoder']:9.2f} "
-                      f"{parts['products']:10.2f} {parts['attention']:11.2f} {total:8.2f} "
-                      f"{batch * args.notes / total:11.1f}", flush=True)
+                print(
+                    f"{name:>6} {dtype:>9} {batch:>5} {parts['encoder']:9.2f} "
+                    f"{parts['products']:10.2f} {parts['attention']:11.2f} {total:8.2f} "
+                    f"{batch * args.notes / total:11.1f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

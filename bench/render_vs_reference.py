@@ -7,7 +7,7 @@ The reference renderer is the reference model (`tests/reference_t5gemma.py`: `tr
 T5Gemma with the note compression; `pip install -r requirements-reference.txt`) decoding with
 `transformers`' ``generate`` (KV cache, one token per step) under a logits processor that
 forces every note's pitch and keeps every other slot inside its id range, at the paper's
-sampling (temperature 1, top-p 0.95). Ours is `pianist_jax.render.Renderer` on the same
+sampling (temperature 1, top-p 0.95). Ours is `pianist_jax.render.renderer.Renderer` on the same
 weights converted with `pianist_jax.convert_hf`, at batch 1 and batch 8. Both render one
 window of ``--notes`` notes of `render_bench.fixed_score`; compilation is excluded; rounds
 alternate the two. Greedy renders of both (``--temperature 0``) are compared token by token.
@@ -61,14 +61,23 @@ def reference_renderer(module):
         ids = torch.as_tensor(score_ids[None].astype(np.int64))
         pitches = ids[0, ::TOKENS_PER_NOTE]
         torch.manual_seed(seed)
-        sampling = {} if greedy else {"do_sample": True, "temperature": 1.0, "top_p": 0.95,
-                                      "top_k": 0}
+        sampling = (
+            {"do_sample": False}
+            if greedy
+            else {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 0}
+        )
         out = module.generate(
-            inputs_embeds=module.model.encoder.embeddings(ids), attention_mask=ref.note_mask(ids),
-            decoder_input_ids=torch.full((1, 1), BOS), max_new_tokens=ids.shape[1],
-            min_new_tokens=ids.shape[1], do_sample=False, use_cache=True,
-            logits_processor=LogitsProcessorList([ScoreRules(pitches)]), pad_token_id=0,
-            eos_token_id=None, **sampling)
+            inputs_embeds=module.model.encoder.embeddings(ids),
+            attention_mask=ref.note_mask(ids),
+            decoder_input_ids=torch.full((1, 1), BOS),
+            max_new_tokens=ids.shape[1],
+            min_new_tokens=ids.shape[1],
+            use_cache=True,
+            logits_processor=LogitsProcessorList([ScoreRules(pitches)]),
+            pad_token_id=0,
+            eos_token_id=None,
+            **sampling,
+        )
         return out[0, 1:].numpy()
 
     return render
@@ -87,22 +96,27 @@ def main() -> None:
 
         from tests import reference_t5gemma as ref
     except ImportError as err:
-        sys.exit(f"error: the PyTorch reference is unavailable ({err}); "
-                 "pip install -r requirements-reference.txt")
+        sys.exit(
+            f"error: the PyTorch reference is unavailable ({err}); "
+            "pip install -r requirements-reference.txt"
+        )
     import jax
 
-    from pianist_jax import convert_hf
-    from pianist_jax.render import Renderer
+    from pianist_jax.artifacts import convert_hf
+    from pianist_jax.render.renderer import Renderer
 
     torch.set_num_threads(os.cpu_count() or 1)  # the test helper pins one thread
     score = fixed_score(args.notes)
     notes = len(score) // 8
-    print(f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU threads; "
-          f"CPU: {cpu_name()}; model {args.model}, float32, score {notes} notes")
+    print(
+        f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU threads; "
+        f"CPU: {cpu_name()}; model {args.model}, float32, score {notes} notes"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         module = ref.build_reference(ref.model_cfg_from_yaml(f"model/{args.model}.yaml"), seed=0)
-        ref.save_reference(module, Path(tmp) / "hf", ref.model_cfg_from_yaml(
-            f"model/{args.model}.yaml"))
+        ref.save_reference(
+            module, Path(tmp) / "hf", ref.model_cfg_from_yaml(f"model/{args.model}.yaml")
+        )
         ours = Renderer(convert_hf.convert(Path(tmp) / "hf", Path(tmp) / "ours"))
         theirs = reference_renderer(module)
 
@@ -110,8 +124,10 @@ def main() -> None:
         greedy_ref = theirs(score, 0, greedy=True)
         same = int(np.sum(greedy_ours == greedy_ref))
         first = np.nonzero(greedy_ours != greedy_ref)[0]
-        print(f"greedy tokens identical: {same} / {len(score)}"
-              + (f" (first difference at token {first[0]})" if len(first) else ""))
+        print(
+            f"greedy tokens identical: {same} / {len(score)}"
+            + (f" (first difference at token {first[0]})" if len(first) else "")
+        )
         for b in (1, 8):  # compile outside the timed rounds
             ours.render_ids([score] * b, list(range(b)))
         times = {"reference, batch 1": [], "pianist-jax, batch 1": [], "pianist-jax, batch 8": []}
@@ -127,9 +143,11 @@ def main() -> None:
     for k, v in times.items():
         print(f"{k:>22}: {best[k]:7.1f} notes/s (rounds: {', '.join(f'{x:.1f}' for x in v)})")
     ref1 = best["reference, batch 1"]
-    print(f"pianist-jax batch 1 / reference: {best['pianist-jax, batch 1'] / ref1:.2f}x; "
-          f"batch 8 / reference: {best['pianist-jax, batch 8'] / ref1:.2f}x; "
-          f"batch 8 / batch 1: {best['pianist-jax, batch 8'] / best['pianist-jax, batch 1']:.2f}x")
+    print(
+        f"pianist-jax batch 1 / reference: {best['pianist-jax, batch 1'] / ref1:.2f}x; "
+        f"batch 8 / reference: {best['pianist-jax, batch 8'] / ref1:.2f}x; "
+        f"batch 8 / batch 1: {best['pianist-jax, batch 8'] / best['pianist-jax, batch 1']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

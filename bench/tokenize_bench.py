@@ -3,7 +3,8 @@
 Why: tokenizing a 10B-token corpus is a pipeline stage of its own; the reference tokenizes at
 about 8,600 notes/s. This prints (a) mido parse only, (b) our `encode_file` in one process,
 (b') the same with the fast scanner off (mido parse + our
-extraction: the path irregular files take), (c) `encode_file` over a spawn process pool, each as files / notes / seconds / notes per second,
+extraction: the path irregular files take), (c) `encode_file` over a spawn process pool,
+each as files / notes / seconds / notes per second,
 plus the ratios. Prints figures only; asserts nothing.
 
     python bench/tokenize_bench.py [--limit N] [--workers 2] [--repeat 1] [--asap DIR]
@@ -35,8 +36,12 @@ def performance_files(asap: Path, limit: int | None) -> list[Path]:
 
 
 def count_notes_mido(path: Path) -> int:
-    return sum(1 for track in mido.MidiFile(path).tracks for msg in track
-               if msg.type == "note_on" and msg.velocity > 0)
+    return sum(
+        1
+        for track in mido.MidiFile(path).tracks
+        for msg in track
+        if msg.type == "note_on" and msg.velocity > 0
+    )
 
 
 def parse_only(files: list[Path]) -> None:
@@ -63,7 +68,7 @@ def tokenize_all(files: list[Path]) -> int:
 def tokenize_all_via_mido(files: list[Path]) -> int:
     """Our tokenizer with the fast scanner switched off: mido parse + our extraction, i.e.
     the overhead we add on top of a plain mido parse (the path irregular files take)."""
-    from pianist_jax import midi_scan
+    from pianist_jax.midi import scan as midi_scan
 
     scan = midi_scan.scan
     midi_scan.scan = lambda data: None
@@ -109,8 +114,10 @@ def main() -> None:
     for path in files:  # page cache warm, so (a) does not pay the disk reads for (b)
         path.read_bytes()
 
-    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
-          "(other load skews the pool figures)")
+    print(
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+        "(other load skews the pool figures)"
+    )
     print(f"{'':<28} {'files':>6} {'notes':>10} {'seconds':>9} {'notes/s':>12}")
     parse_s, _ = best_of(args.repeat, parse_only, files)
     if not have_tokenizer:
@@ -132,22 +139,33 @@ def main() -> None:
             pool.map(tokenize_notes, files[:1] * args.workers, chunksize=1)  # spawn + import
             startup_s = time.perf_counter() - t0
             pool_s, pool_notes = best_of(
-                args.repeat, lambda: sum(pool.imap_unordered(tokenize_notes, by_size, chunksize)))
+                args.repeat, lambda: sum(pool.imap_unordered(tokenize_notes, by_size, chunksize))
+            )
         pool_rate = row(f"(c) encode_file, {args.workers} workers", len(files), pool_notes, pool_s)
-        print(f"    (pool start-up and warm-up, not timed above: {startup_s:.2f}s; "
-              f"chunksize {chunksize})")
+        print(
+            f"    (pool start-up and warm-up, not timed above: {startup_s:.2f}s; "
+            f"chunksize {chunksize})"
+        )
 
     print()
-    print(f"tokenize / mido-parse time:      {single_s / parse_s:6.2f}x "
-          f"(mido parse alone runs at {parse_rate:,.0f} notes/s)")
-    print(f"mido-path tokenize / mido-parse: {via_mido_rate / parse_rate:6.2f} of the parse-only "
-          "rate (our work on top of mido)")
+    print(
+        f"tokenize / mido-parse time:      {single_s / parse_s:6.2f}x "
+        f"(mido parse alone runs at {parse_rate:,.0f} notes/s)"
+    )
+    print(
+        f"mido-path tokenize / mido-parse: {via_mido_rate / parse_rate:6.2f} of the parse-only "
+        "rate (our work on top of mido)"
+    )
     print(f"1 process vs reference 8,600/s:  {single_rate / REFERENCE_NOTES_PER_S:6.2f}x")
     if pool_rate is not None:
-        print(f"{args.workers} workers vs reference:         "
-              f"{pool_rate / REFERENCE_NOTES_PER_S:6.2f}x")
-        print(f"{args.workers}-worker scaling vs 1 process:  {pool_rate / single_rate:6.2f}x "
-              f"(ideal {args.workers}x; {os.cpu_count()} CPUs here)")
+        print(
+            f"{args.workers} workers vs reference:         "
+            f"{pool_rate / REFERENCE_NOTES_PER_S:6.2f}x"
+        )
+        print(
+            f"{args.workers}-worker scaling vs 1 process:  {pool_rate / single_rate:6.2f}x "
+            f"(ideal {args.workers}x; {os.cpu_count()} CPUs here)"
+        )
 
 
 if __name__ == "__main__":

@@ -36,14 +36,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pianist_jax import data, sharding, tokenizer
+from pianist_jax import tokenizer
 from pianist_jax.config import load_config
+from pianist_jax.data import pipeline as data
 from pianist_jax.model import flops_per_token, param_count
-from pianist_jax.train_step import StepFns
+from pianist_jax.train import sharding
+from pianist_jax.train.step import StepFns
 
 PEAK_TFLOPS = {  # dense bf16 per chip
-    "H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6": 918.0,
 }
 
 
@@ -97,29 +106,37 @@ def reference_trainer(cfg, batch: dict, lr: float):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tests import reference_t5gemma as ref
     except ImportError as err:
-        print(f"--vs-reference: PyTorch reference unavailable ({err}); "
-              "pip install -r requirements-reference.txt")
+        print(
+            f"--vs-reference: PyTorch reference unavailable ({err}); "
+            "pip install -r requirements-reference.txt"
+        )
         return None
     import dataclasses
 
     torch.set_num_threads(os.cpu_count() or 1)  # the test helper pins one thread
-    model_cfg = {k: v for k, v in dataclasses.asdict(cfg.model).items()
-                 if k in ref.MODEL_CFG_KEYS}
+    model_cfg = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k in ref.MODEL_CFG_KEYS}
     model_cfg["rms_norm_eps"] = ref.RMS_NORM_EPS
     module = ref.build_reference(model_cfg, seed=0).train()
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
     enc = torch.as_tensor(batch["encoder_ids"].astype(np.int64))
     dec = torch.as_tensor(batch["decoder_input_ids"].astype(np.int64))
-    labels = torch.as_tensor(np.where(batch["loss_mask"] > 0, batch["targets"], -100)
-                             .astype(np.int64))
+    labels = torch.as_tensor(
+        np.where(batch["loss_mask"] > 0, batch["targets"], -100).astype(np.int64)
+    )
     mask = ref.note_mask(enc)
 
     def step(state, _):
         opt.zero_grad(set_to_none=True)
-        out = module(inputs_embeds=module.model.encoder.embeddings(enc), attention_mask=mask,
-                     decoder_input_ids=dec, use_cache=False, return_dict=True)
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(),
-                                                 labels.flatten(), ignore_index=-100)
+        out = module(
+            inputs_embeds=module.model.encoder.embeddings(enc),
+            attention_mask=mask,
+            decoder_input_ids=dec,
+            use_cache=False,
+            return_dict=True,
+        )
+        loss = torch.nn.functional.cross_entropy(
+            out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
         opt.step()
@@ -139,10 +156,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile)")
     parser.add_argument("--peak-tflops", type=float, help="override the peak FLOP/s (TFLOP/s)")
-    parser.add_argument("--slot-logits", action="store_true",
-                        help="loss from per-slot logits (model.slot_logits=true)")
-    parser.add_argument("--vs-reference", action="store_true",
-                        help="alternate with the PyTorch reference (module docstring)")
+    parser.add_argument(
+        "--slot-logits",
+        action="store_true",
+        help="loss from per-slot logits (model.slot_logits=true)",
+    )
+    parser.add_argument(
+        "--vs-reference",
+        action="store_true",
+        help="alternate with the PyTorch reference (module docstring)",
+    )
     parser.add_argument("--rounds", type=int, default=4, help="--vs-reference rounds")
     parser.add_argument("overrides", nargs="*", help="more config overrides (key=value)")
     args = parser.parse_args()
@@ -151,9 +174,15 @@ def main() -> None:
             args.batch, args.block = 4, 1024
         args.overrides = REFERENCE_SMALL + args.overrides
 
-    overrides = [f"model={args.model}", f"mesh.shape={args.mesh}", f"data.block_size={args.block}",
-                 f"train.batch_size={args.batch}", f"train.microbatches={args.microbatches}",
-                 "train.warmup_steps=0", "train.steps=1000"]
+    overrides = [
+        f"model={args.model}",
+        f"mesh.shape={args.mesh}",
+        f"data.block_size={args.block}",
+        f"train.batch_size={args.batch}",
+        f"train.microbatches={args.microbatches}",
+        "train.warmup_steps=0",
+        "train.steps=1000",
+    ]
     if args.dtype:
         overrides.append(f"model.dtype={args.dtype}")
     if args.slot_logits:
@@ -178,15 +207,21 @@ def main() -> None:
         peak, source = args.peak_tflops * 1e12 * len(jax.devices()), "--peak-tflops"
     else:
         peak, source = peak_flops(jax.devices()[0], cfg.model.dtype)
-    print(f"model {args.model}: {param_count(cfg.model) / 1e6:.2f} M params, dtype "
-          f"{cfg.model.dtype}, {'per-slot' if cfg.model.slot_logits else 'full-vocab'} "
-          f"logits, batch {args.batch} x {args.block} tokens, mesh "
-          f"{dict(mesh.shape)}, {len(jax.devices())} x {jax.devices()[0].device_kind}")
-    print(f"warmup (compile + {args.warmup} steps): {compile_s:.1f} s; "
-          f"step {step_s * 1e3:.1f} ms; loss {float(metrics['loss']):.3f}")
+    print(
+        f"model {args.model}: {param_count(cfg.model) / 1e6:.2f} M params, dtype "
+        f"{cfg.model.dtype}, {'per-slot' if cfg.model.slot_logits else 'full-vocab'} "
+        f"logits, batch {args.batch} x {args.block} tokens, mesh "
+        f"{dict(mesh.shape)}, {len(jax.devices())} x {jax.devices()[0].device_kind}"
+    )
+    print(
+        f"warmup (compile + {args.warmup} steps): {compile_s:.1f} s; "
+        f"step {step_s * 1e3:.1f} ms; loss {float(metrics['loss']):.3f}"
+    )
     print(f"tokens/s: {tokens_per_s:,.0f}")
-    print(f"MFU: {fpt / 1e6:.1f} MFLOP/token x {tokens_per_s:,.0f} tokens/s / "
-          f"{peak / 1e12:.2f} TFLOP/s peak ({source}) = {100 * fpt * tokens_per_s / peak:.1f}%")
+    print(
+        f"MFU: {fpt / 1e6:.1f} MFLOP/token x {tokens_per_s:,.0f} tokens/s / "
+        f"{peak / 1e12:.2f} TFLOP/s peak ({source}) = {100 * fpt * tokens_per_s / peak:.1f}%"
+    )
 
 
 def compare_with_reference(args, cfg, fns, state, batch) -> None:
@@ -200,20 +235,26 @@ def compare_with_reference(args, cfg, fns, state, batch) -> None:
         ref_state, _ = ref_step(ref_state, None)
     tokens = args.batch * args.block
     ours, theirs = [], []
-    print(f"batch {args.batch} x {args.block} tokens, {cfg.model.hidden} hidden, "
-          f"{cfg.model.encoder_layers}-{cfg.model.decoder_layers} layers, {cfg.model.dtype}, "
-          f"{'per-slot' if cfg.model.slot_logits else 'full-vocab'} logits, "
-          f"{os.cpu_count()} CPU threads, {args.steps} steps per round")
+    print(
+        f"batch {args.batch} x {args.block} tokens, {cfg.model.hidden} hidden, "
+        f"{cfg.model.encoder_layers}-{cfg.model.decoder_layers} layers, {cfg.model.dtype}, "
+        f"{'per-slot' if cfg.model.slot_logits else 'full-vocab'} logits, "
+        f"{os.cpu_count()} CPU threads, {args.steps} steps per round"
+    )
     for r in range(args.rounds):
         s, state = time_steps(fns.train_step, state, batch, args.steps)
         ours.append(tokens / s)
         s, ref_state = time_steps(ref_step, ref_state, None, args.steps)
         theirs.append(tokens / s)
-        print(f"round {r + 1}: pianist-jax {ours[-1]:,.0f} tokens/s, PyTorch reference "
-              f"{theirs[-1]:,.0f} tokens/s ({ours[-1] / theirs[-1]:.2f}x)")
+        print(
+            f"round {r + 1}: pianist-jax {ours[-1]:,.0f} tokens/s, PyTorch reference "
+            f"{theirs[-1]:,.0f} tokens/s ({ours[-1] / theirs[-1]:.2f}x)"
+        )
     mo, mt = statistics.median(ours), statistics.median(theirs)
-    print(f"median: pianist-jax {mo:,.0f} tokens/s, PyTorch reference {mt:,.0f} tokens/s: "
-          f"{mo / mt:.2f}x")
+    print(
+        f"median: pianist-jax {mo:,.0f} tokens/s, PyTorch reference {mt:,.0f} tokens/s: "
+        f"{mo / mt:.2f}x"
+    )
 
 
 if __name__ == "__main__":

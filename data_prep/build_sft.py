@@ -5,7 +5,7 @@
         [--no-progress]
 
 Every performance of ``metadata.csv`` is aligned to its folder's ``midi_score.mid``
-(``pianist_jax.align``: the match file when there is a usable one, else the automatic aligner
+(``pianist_jax.data.align``: the match file when there is a usable one, else the automatic aligner
 on the beat annotations, or DTW when they are missing or disagree in count).  Runs of >= 5
 unpaired score notes cut the piece; segments under 64 notes are dropped; unpaired notes inside
 a segment are interpolated (``target_notes``).  The target has the score's notes and pitches on
@@ -25,6 +25,7 @@ Determinism: tasks are sorted, results consumed in task order, a performance's s
 the shard picked by a hash of its path, and the writers are single-threaded: the same inputs
 give byte-identical shards whatever --workers is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,16 +48,26 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.tokenize import _imap, _one_line
-from pianist_jax import align, midi, records, tokenizer  # none of these imports JAX
+from pianist_jax import midi, tokenizer  # none of these imports JAX
+from pianist_jax.data import align, records
 
 log = logging.getLogger("data_prep.build_sft")
 CORPUS = "asap"
 WINDOW, HOP = 4096, 2048  # SFT windows (tokens) with 50% overlap: only counted here
-_COLUMNS = ("composer", "title", "folder", "midi_score", "midi_performance",
-            "performance_annotations", "midi_score_annotations", "match_file")
+_COLUMNS = (
+    "composer",
+    "title",
+    "folder",
+    "midi_score",
+    "midi_performance",
+    "performance_annotations",
+    "midi_score_annotations",
+    "match_file",
+)
 
 
 # ----------------------------------------------------------------------------- targets
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -88,8 +99,9 @@ def _interp_by_onset(x, x_known, v_known) -> np.ndarray:
     return np.interp(x, ux, means)
 
 
-def target_notes(score: midi.Notes, perf: midi.Notes,
-                 idx: np.ndarray) -> tuple[midi.Notes, np.ndarray]:
+def target_notes(
+    score: midi.Notes, perf: midi.Notes, idx: np.ndarray
+) -> tuple[midi.Notes, np.ndarray]:
     """(target, order): the performance target of score notes (ms, perf timeline) and the note
     order it uses, a permutation of the score's to apply to the score side too.
 
@@ -116,31 +128,52 @@ def target_notes(score: midi.Notes, perf: midi.Notes,
     onset = np.where(got, perf.onset[np.maximum(idx, 0)], np.rint(align.warp(score.onset, ax, ay)))
     vel = np.rint(_interp_by_onset(score.onset, x_on, perf.velocity[q].astype(float)))
     ratio = np.log(np.maximum(perf.duration[q], 1) / np.maximum(score.duration[got], 1))
-    dur = np.rint(np.maximum(score.duration, 1) * np.exp(_interp_by_onset(score.onset, x_on, ratio)))
+    dur = np.rint(
+        np.maximum(score.duration, 1) * np.exp(_interp_by_onset(score.onset, x_on, ratio))
+    )
     velocity = np.where(got, perf.velocity[np.maximum(idx, 0)], np.clip(vel, 1, 127))
     duration = np.where(got, perf.duration[np.maximum(idx, 0)], np.maximum(dur, 1))
     order = np.lexsort((onset, score.onset))  # lexsort is stable: ties keep score order
     onset = np.maximum.accumulate(onset[order].astype(np.int64))
     pedal = np.where(perf.pedal_value >= 64, 127, 0).astype(np.int64)
-    target = midi.Notes(onset, onset + duration[order].astype(np.int64), score.pitch[order],
-                        velocity[order].astype(np.int64), perf.pedal_ms.copy(), pedal)
+    target = midi.Notes(
+        onset,
+        onset + duration[order].astype(np.int64),
+        score.pitch[order],
+        velocity[order].astype(np.int64),
+        perf.pedal_ms.copy(),
+        pedal,
+    )
     return target, order
 
 
 def _take(notes: midi.Notes, order: np.ndarray) -> midi.Notes:
     """The notes in `order` (pedal unchanged)."""
-    return midi.Notes(notes.onset[order], notes.offset[order], notes.pitch[order],
-                      notes.velocity[order], notes.pedal_ms, notes.pedal_value)
+    return midi.Notes(
+        notes.onset[order],
+        notes.offset[order],
+        notes.pitch[order],
+        notes.velocity[order],
+        notes.pedal_ms,
+        notes.pedal_value,
+    )
 
 
 def _slice(notes: midi.Notes, a: int, b: int, base: int = 0) -> midi.Notes:
     """Notes [a, b) with every time (pedal too) shifted by -base."""
-    return midi.Notes(notes.onset[a:b] - base, notes.offset[a:b] - base, notes.pitch[a:b],
-                      notes.velocity[a:b], notes.pedal_ms - base, notes.pedal_value)
+    return midi.Notes(
+        notes.onset[a:b] - base,
+        notes.offset[a:b] - base,
+        notes.pitch[a:b],
+        notes.velocity[a:b],
+        notes.pedal_ms - base,
+        notes.pedal_value,
+    )
 
 
-def sft_segments(score: midi.Notes, perf: midi.Notes, idx: np.ndarray, min_run: int = 5,
-                 min_notes: int = 64) -> tuple[list[Segment], int]:
+def sft_segments(
+    score: midi.Notes, perf: midi.Notes, idx: np.ndarray, min_run: int = 5, min_notes: int = 64
+) -> tuple[list[Segment], int]:
     """(segments, number dropped as too short) of (score ids, target ids) for one pair.
 
     Each segment is re-based to start at 0 in both timelines (first IOI 0) and encoded with
@@ -161,6 +194,7 @@ def sft_segments(score: midi.Notes, perf: midi.Notes, idx: np.ndarray, min_run: 
 
 
 # ----------------------------------------------------------------------------- corpus
+
 
 def read_metadata(asap: Path) -> list[dict]:
     """metadata.csv rows sorted by performance path; clear error for a missing column."""
@@ -189,11 +223,19 @@ def make_split(rows: list[dict], val_fraction: float, seed: int) -> dict:
     n_val = min(len(pieces) - 1, max(1, round(val_fraction * len(pieces)))) if val_fraction else 0
     perm = np.random.default_rng(seed).permutation(len(pieces))
     val = sorted(pieces[i] for i in perm[:n_val])
-    folders = {s: sorted({r["folder"] for r in rows if (piece_of(r) in val) == (s == "val")})
-               for s in ("train", "val")}
-    return {"seed": seed, "val_fraction": val_fraction, "unit": "composer/title",
-            "val_pieces": val, "train_pieces": sorted(set(pieces) - set(val)),
-            "val_folders": folders["val"], "train_folders": folders["train"]}
+    folders = {
+        s: sorted({r["folder"] for r in rows if (piece_of(r) in val) == (s == "val")})
+        for s in ("train", "val")
+    }
+    return {
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "unit": "composer/title",
+        "val_pieces": val,
+        "train_pieces": sorted(set(pieces) - set(val)),
+        "val_folders": folders["val"],
+        "train_folders": folders["train"],
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -241,34 +283,56 @@ def align_one(task: tuple[str, dict, int, int]) -> dict:
         segs, dropped = sft_segments(score, perf, idx, min_run, min_notes)
         n, paired = len(score), int((idx >= 0).sum())
         kept = sum(s.stop - s.start for s in segs)
-        report.update({
-            "source": "match" if "pairs_in_file" in res else "auto", "warp": res["warp"],
-            "score_notes": n, "perf_notes": len(perf), "paired": paired,
-            "from_match": int(res["from_match"].sum()),
-            "match_pairs_in_file": res.get("pairs_in_file", 0),
-            "match_snotes_in_file": res.get("snotes_in_file", 0),
-            "matched_pct": round(100 * paired / n, 2),
-            "from_match_pct": round(100 * res["from_match"].sum() / n, 2),
-            "interpolated_pct": round(100 * sum(s.n_interpolated for s in segs) / max(kept, 1), 2),
-            "segments_kept": len(segs), "segments_dropped": dropped, "notes_kept": kept,
-            "tokens": 8 * kept, "windows": sum(windows(8 * (s.stop - s.start)) for s in segs),
-            "notes": notes})
+        report.update(
+            {
+                "source": "match" if "pairs_in_file" in res else "auto",
+                "warp": res["warp"],
+                "score_notes": n,
+                "perf_notes": len(perf),
+                "paired": paired,
+                "from_match": int(res["from_match"].sum()),
+                "match_pairs_in_file": res.get("pairs_in_file", 0),
+                "match_snotes_in_file": res.get("snotes_in_file", 0),
+                "matched_pct": round(100 * paired / n, 2),
+                "from_match_pct": round(100 * res["from_match"].sum() / n, 2),
+                "interpolated_pct": round(
+                    100 * sum(s.n_interpolated for s in segs) / max(kept, 1), 2
+                ),
+                "segments_kept": len(segs),
+                "segments_dropped": dropped,
+                "notes_kept": kept,
+                "tokens": 8 * kept,
+                "windows": sum(windows(8 * (s.stop - s.start)) for s in segs),
+                "notes": notes,
+            }
+        )
         if "located_by" in res:  # which map found the match score notes in the score
             report["located_by"] = res["located_by"]
         for k in ("snotes_located", "perf_located"):
             if k in res:
                 report[k] = round(res[k], 4)
         digest = _sha256(asap / perf_rel)
-        recs = [records.encode_record(
-            s.score_ids, source=f"{perf_rel}#seg{k}", corpus=CORPUS, kind="score",
-            n_notes=s.stop - s.start, content_hash=digest,
-            tokenizer_version=tokenizer.TOKENIZER_VERSION,
-            extras={"performance": s.target_ids}) for k, s in enumerate(segs)]
+        recs = [
+            records.encode_record(
+                s.score_ids,
+                source=f"{perf_rel}#seg{k}",
+                corpus=CORPUS,
+                kind="score",
+                n_notes=s.stop - s.start,
+                content_hash=digest,
+                tokenizer_version=tokenizer.TOKENIZER_VERSION,
+                extras={"performance": s.target_ids},
+            )
+            for k, s in enumerate(segs)
+        ]
         return {"ok": True, "records": recs, "report": report}
     except Exception as err:  # noqa: BLE001 - one bad performance must never stop the batch
         reason = err.reason if isinstance(err, (midi.MidiError, align.AlignError)) else str(err)
-        return {"ok": False, "report": report,
-                "reason": _one_line(f"{type(err).__name__}: {reason}")}
+        return {
+            "ok": False,
+            "report": report,
+            "reason": _one_line(f"{type(err).__name__}: {reason}"),
+        }
 
 
 def windows(n_tokens: int) -> int:
@@ -317,44 +381,74 @@ def write_val_pieces(path: Path, asap: Path, rows: list[dict], val_folders: list
 
 def summarise(reports: list[dict], n_quarantined: int, seconds: float) -> dict:
     ok = [r for r in reports if "score_notes" in r]
-    tot = {k: sum(r[k] for r in ok) for k in ("score_notes", "paired", "from_match",
-                                              "notes_kept", "tokens", "windows",
-                                              "segments_kept", "segments_dropped")}
+    tot = {
+        k: sum(r[k] for r in ok)
+        for k in (
+            "score_notes",
+            "paired",
+            "from_match",
+            "notes_kept",
+            "tokens",
+            "windows",
+            "segments_kept",
+            "segments_dropped",
+        )
+    }
     m = [r for r in ok if r["source"] == "match"]
     m_notes = max(sum(r["score_notes"] for r in m), 1)
     m_file = max(sum(r["match_pairs_in_file"] for r in m), 1)
     robust = [r for r in m if r.get("robust")]
     interp = sum(r["interpolated_pct"] * r["notes_kept"] / 100 for r in ok)
-    return {"performances": len(reports), "aligned": len(ok), "quarantined": n_quarantined,
-            "from_match_file": len(m), "automatic": len(ok) - len(m), **tot,
-            "pooled_paired_pct_match_perfs": round(100 * sum(r["paired"] for r in m) / m_notes, 2),
-            "pooled_from_match_pct": round(100 * sum(r["from_match"] for r in m) / m_notes, 2),
-            "match_pairs_mapped_pct": round(100 * sum(r["from_match"] for r in m) / m_file, 2),
-            # the annotation's own ceiling: the share of its score notes it pairs at all
-            "match_files_own_paired_pct": round(
-                100 * sum(r["match_pairs_in_file"] for r in m)
-                / max(sum(r["match_snotes_in_file"] for r in m), 1), 2),
-            "located_by_scores": sum(r.get("located_by") == "scores" for r in m),
-            "pooled_paired_pct_robust_match_perfs": round(
-                100 * sum(r["paired"] for r in robust)
-                / max(sum(r["score_notes"] for r in robust), 1), 2),
-            "pooled_paired_pct": round(100 * tot["paired"] / max(tot["score_notes"], 1), 2),
-            "interpolated_pct_kept": round(100 * interp / max(tot["notes_kept"], 1), 2),
-            "seconds": round(seconds, 1)}
+    return {
+        "performances": len(reports),
+        "aligned": len(ok),
+        "quarantined": n_quarantined,
+        "from_match_file": len(m),
+        "automatic": len(ok) - len(m),
+        **tot,
+        "pooled_paired_pct_match_perfs": round(100 * sum(r["paired"] for r in m) / m_notes, 2),
+        "pooled_from_match_pct": round(100 * sum(r["from_match"] for r in m) / m_notes, 2),
+        "match_pairs_mapped_pct": round(100 * sum(r["from_match"] for r in m) / m_file, 2),
+        # the annotation's own ceiling: the share of its score notes it pairs at all
+        "match_files_own_paired_pct": round(
+            100
+            * sum(r["match_pairs_in_file"] for r in m)
+            / max(sum(r["match_snotes_in_file"] for r in m), 1),
+            2,
+        ),
+        "located_by_scores": sum(r.get("located_by") == "scores" for r in m),
+        "pooled_paired_pct_robust_match_perfs": round(
+            100 * sum(r["paired"] for r in robust) / max(sum(r["score_notes"] for r in robust), 1),
+            2,
+        ),
+        "pooled_paired_pct": round(100 * tot["paired"] / max(tot["score_notes"], 1), 2),
+        "interpolated_pct_kept": round(100 * interp / max(tot["notes_kept"], 1), 2),
+        "seconds": round(seconds, 1),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.build_sft", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m data_prep.build_sft",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--asap", required=True, type=Path, help="ASAP root (holds metadata.csv)")
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                    help="'spawn' worker processes; 0 or 1 = in this process")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="'spawn' worker processes; 0 or 1 = in this process",
+    )
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-shards", type=int, default=4, help="train shards (val: 1)")
-    ap.add_argument("--limit", type=int, help="only the first N performances (the split is "
-                                              "still made over all pieces)")
+    ap.add_argument(
+        "--limit",
+        type=int,
+        help="only the first N performances (the split is still made over all pieces)",
+    )
     ap.add_argument("--min-run", type=int, default=5, help="unpaired run that cuts a segment")
     ap.add_argument("--min-notes", type=int, default=64, help="shortest segment kept")
     ap.add_argument("--no-progress", action="store_true")
@@ -380,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         pool = None
         if args.workers > 1:
-            pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+            pool = ProcessPoolExecutor(
+                args.workers, mp_context=multiprocessing.get_context("spawn")
+            )
             stack.callback(pool.shutdown, cancel_futures=True)
         shards = {"train": Shards(out / "train", args.num_shards), "val": Shards(out / "val", 1)}
         bar = tqdm(total=len(tasks), desc="aligning", unit="perf", disable=args.no_progress)

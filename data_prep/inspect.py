@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pianist_jax import records
+from pianist_jax.data import records
 
 _BATCH = 256
 _BAR = 40
@@ -99,8 +99,10 @@ def summarize(shards: list[Path]) -> str:
             row[1] += rec.n_notes
             row[2] += rec.n_tokens
             lengths.append(rec.n_tokens)
-    lines = [f"{len(shards)} shard(s)", f"{'corpus':<20} {'kind':<12} {'records':>8} "
-             f"{'notes':>12} {'tokens':>14}"]
+    lines = [
+        f"{len(shards)} shard(s)",
+        f"{'corpus':<20} {'kind':<12} {'records':>8} {'notes':>12} {'tokens':>14}",
+    ]
     total = np.zeros(3, dtype=np.int64)
     for (corpus, kind), row in sorted(per.items()):
         lines.append(f"{corpus:<20} {kind:<12} {row[0]:>8,} {row[1]:>12,} {row[2]:>14,}")
@@ -111,8 +113,11 @@ def summarize(shards: list[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.inspect", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m data_prep.inspect",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("directory", type=Path)
     ap.add_argument("--shard", type=int, help="only this shard index")
     ap.add_argument("--decode", type=int, metavar="K", help="decode record K to MIDI")
@@ -128,11 +133,16 @@ def main(argv: list[str] | None = None) -> int:
 
     path, index, rec = get_record(shards, args.decode)
     if rec.tokenizer_version and rec.tokenizer_version != tokenizer.TOKENIZER_VERSION:
-        print(f"warning: record made by tokenizer {rec.tokenizer_version}, decoding with "
-              f"{tokenizer.TOKENIZER_VERSION}", file=sys.stderr)
+        print(
+            f"warning: record made by tokenizer {rec.tokenizer_version}, decoding with "
+            f"{tokenizer.TOKENIZER_VERSION}",
+            file=sys.stderr,
+        )
     tokenizer.decode_to_midi(rec.ids.astype(np.int32), args.out)
-    print(f"{path.name}[{index}]: {rec.corpus}/{rec.source} ({rec.kind}, {rec.n_notes} notes, "
-          f"sha256 {rec.content_hash[:12]}) -> {args.out}")
+    print(
+        f"{path.name}[{index}]: {rec.corpus}/{rec.source} ({rec.kind}, {rec.n_notes} notes, "
+        f"sha256 {rec.content_hash[:12]}) -> {args.out}"
+    )
     return 0
 
 

@@ -27,8 +27,15 @@ QUARANTINE = "quarantine.tsv"
 FRAGMENT_VERSION = 1
 _FRAGMENT_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.manifest\.json$")
 # Fragment keys that every shard of one dataset must agree on.
-SETTINGS_KEYS = ("tool_version", "tokenizer_version", "record_format", "array_record_options",
-                 "num_shards", "exclude", "assign_by")
+SETTINGS_KEYS = (
+    "tool_version",
+    "tokenizer_version",
+    "record_format",
+    "array_record_options",
+    "num_shards",
+    "exclude",
+    "assign_by",
+)
 _SUM_KEYS = ("files", "notes", "tokens", "duplicates", "quarantined", "warnings")
 
 
@@ -129,17 +136,25 @@ def write_quarantine_tsv(path: Path, entries: list[dict]) -> None:
 
 def summary(manifest: dict) -> str:
     t = manifest["totals"]
-    return (f"{len(manifest['shards'])}/{manifest['num_shards']} shards: {t.get('files', 0)} "
-            f"files, {t.get('notes', 0)} notes, {t.get('tokens', 0)} tokens; "
-            f"{t.get('duplicates', 0)} duplicates, {t.get('quarantined', 0)} quarantined")
+    return (
+        f"{len(manifest['shards'])}/{manifest['num_shards']} shards: {t.get('files', 0)} "
+        f"files, {t.get('notes', 0)} notes, {t.get('tokens', 0)} tokens; "
+        f"{t.get('duplicates', 0)} duplicates, {t.get('quarantined', 0)} quarantined"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.merge_manifests", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m data_prep.merge_manifests",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("directory", type=Path)
-    ap.add_argument("--allow-partial", action="store_true",
-                    help="write a manifest (complete=false) even if some shards are missing")
+    ap.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="write a manifest (complete=false) even if some shards are missing",
+    )
     ap.add_argument("--verify", action="store_true", help="re-hash every shard file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

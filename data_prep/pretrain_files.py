@@ -94,13 +94,16 @@ def read_split(path: Path) -> dict:
         if not isinstance(split.get(key), list):
             raise SystemExit(f"{path}: no {key!r} list (expected data_prep.build_sft's split.json)")
     if set(split["train_folders"]) & set(split["val_folders"]):
-        raise SystemExit(f"{path}: folders in both train and val: "
-                         f"{sorted(set(split['train_folders']) & set(split['val_folders']))[:5]}")
+        raise SystemExit(
+            f"{path}: folders in both train and val: "
+            f"{sorted(set(split['train_folders']) & set(split['val_folders']))[:5]}"
+        )
     return split
 
 
-def asap_files(asap: Path, split: dict, include_scores: bool = False
-               ) -> tuple[list[Path], list[dict]]:
+def asap_files(
+    asap: Path, split: dict, include_scores: bool = False
+) -> tuple[list[Path], list[dict]]:
     """(ASAP training performances [+ training scores], excluded entries) from metadata.csv.
 
     A performance is kept only if its folder is a training folder; validation folders and
@@ -115,9 +118,14 @@ def asap_files(asap: Path, split: dict, include_scores: bool = False
             kept.append(asap / perf)
             scores.add(asap / row["midi_score"])
         else:
-            excluded.append({"path": str(asap / perf), "corpus": ASAP,
-                             "reason": "validation piece" if folder in val else "not in split",
-                             "folder": folder})
+            excluded.append(
+                {
+                    "path": str(asap / perf),
+                    "corpus": ASAP,
+                    "reason": "validation piece" if folder in val else "not in split",
+                    "folder": folder,
+                }
+            )
     if include_scores:
         kept.extend(scores)
     return sorted(set(kept)), excluded
@@ -128,8 +136,9 @@ def corpus_files(root: Path) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        out.extend(Path(dirpath) / f for f in sorted(filenames)
-                   if f.lower().endswith(MIDI_SUFFIXES))
+        out.extend(
+            Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(MIDI_SUFFIXES)
+        )
     if not out:
         raise SystemExit(f"{root}: no MIDI files")
     return out
@@ -137,14 +146,21 @@ def corpus_files(root: Path) -> list[Path]:
 
 def val_references(asap: Path, split: dict) -> dict[str, set]:
     """Validation folder -> pitch n-grams of its score."""
-    return {folder: pitch_ngrams(asap / folder / SCORE_FILE_NAMES[0])
-            for folder in split["val_folders"]}
+    return {
+        folder: pitch_ngrams(asap / folder / SCORE_FILE_NAMES[0]) for folder in split["val_folders"]
+    }
 
 
-def build_lists(split_path: Path, asap: Path, corpora: dict[str, Path], *,
-                limit: int | None = None, threshold: float = DEFAULT_THRESHOLD,
-                check_overlap: bool = True, include_scores: bool = False
-                ) -> tuple[dict[str, list[Path]], list[dict], dict]:
+def build_lists(
+    split_path: Path,
+    asap: Path,
+    corpora: dict[str, Path],
+    *,
+    limit: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    check_overlap: bool = True,
+    include_scores: bool = False,
+) -> tuple[dict[str, list[Path]], list[dict], dict]:
     """({corpus: kept files}, excluded entries, summary)."""
     t0 = time.monotonic()
     split = read_split(split_path)
@@ -171,8 +187,15 @@ def build_lists(split_path: Path, asap: Path, corpora: dict[str, Path], *,
         for p in lists[ASAP]:
             score, ref = folder_hit[folder_of[p]]
             if score > threshold:
-                excluded.append({"path": str(p), "corpus": ASAP, "reason": "overlaps validation",
-                                 "overlap": round(score, 4), "matches": ref})
+                excluded.append(
+                    {
+                        "path": str(p),
+                        "corpus": ASAP,
+                        "reason": "overlaps validation",
+                        "overlap": round(score, 4),
+                        "matches": ref,
+                    }
+                )
             else:
                 keep.append(p)
         lists[ASAP] = keep
@@ -185,19 +208,33 @@ def build_lists(split_path: Path, asap: Path, corpora: dict[str, Path], *,
                     score, ref = 0.0, None
                 overlap_checked += 1
                 if score > threshold:
-                    excluded.append({"path": str(p), "corpus": name,
-                                     "reason": "overlaps validation", "overlap": round(score, 4),
-                                     "matches": ref})
+                    excluded.append(
+                        {
+                            "path": str(p),
+                            "corpus": name,
+                            "reason": "overlaps validation",
+                            "overlap": round(score, 4),
+                            "matches": ref,
+                        }
+                    )
                 else:
                     keep.append(p)
             lists[name] = keep
     summary = {
-        "split": str(Path(split_path).resolve()), "asap": str(asap),
+        "split": str(Path(split_path).resolve()),
+        "asap": str(asap),
         "corpora": {name: str(Path(os.path.abspath(root))) for name, root in corpora.items()},
-        "val_folders": len(split["val_folders"]), "train_folders": len(split["train_folders"]),
-        "include_scores": include_scores, "limit": limit,
-        "overlap": {"checked": check_overlap, "threshold": threshold, "ngram": NGRAM,
-                    "chord_ms": CHORD_MS, "files_checked": overlap_checked},
+        "val_folders": len(split["val_folders"]),
+        "train_folders": len(split["train_folders"]),
+        "include_scores": include_scores,
+        "limit": limit,
+        "overlap": {
+            "checked": check_overlap,
+            "threshold": threshold,
+            "ngram": NGRAM,
+            "chord_ms": CHORD_MS,
+            "files_checked": overlap_checked,
+        },
         "files": {name: len(files) for name, files in lists.items()},
         "excluded": {},
         "seconds": round(time.monotonic() - t0, 1),
@@ -208,14 +245,16 @@ def build_lists(split_path: Path, asap: Path, corpora: dict[str, Path], *,
     return lists, excluded, summary
 
 
-def write_lists(out_dir: Path, lists: dict[str, list[Path]], excluded: list[dict],
-                summary: dict) -> None:
+def write_lists(
+    out_dir: Path, lists: dict[str, list[Path]], excluded: list[dict], summary: dict
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, files in lists.items():
         header = f"# {name}: {len(files)} files (data_prep.pretrain_files)\n"
         _write(out_dir / f"{name}.txt", header + "".join(f"{p}\n" for p in files))
-    _write(out_dir / "excluded.jsonl",
-           "".join(json.dumps(e, sort_keys=True) + "\n" for e in excluded))
+    _write(
+        out_dir / "excluded.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in excluded)
+    )
     _write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")  # last: "done"
 
 
@@ -233,34 +272,58 @@ def _corpus_arg(text: str) -> tuple[str, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.pretrain_files", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m data_prep.pretrain_files",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--split", required=True, type=Path, help="split.json of data_prep.build_sft")
     ap.add_argument("--asap", required=True, type=Path, help="ASAP root (holds metadata.csv)")
-    ap.add_argument("--corpus", action="append", default=[], type=_corpus_arg,
-                    metavar="NAME=DIR", help="another corpus (all MIDI files under DIR)")
+    ap.add_argument(
+        "--corpus",
+        action="append",
+        default=[],
+        type=_corpus_arg,
+        metavar="NAME=DIR",
+        help="another corpus (all MIDI files under DIR)",
+    )
     ap.add_argument("--out-dir", required=True, type=Path)
     ap.add_argument("--limit", type=int, help="first N files of each list (smoke runs)")
-    ap.add_argument("--overlap-threshold", type=float, default=DEFAULT_THRESHOLD,
-                    help="leave out files sharing more than this share of their pitch 4-grams "
-                         "with a validation score (default %(default)s)")
+    ap.add_argument(
+        "--overlap-threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="leave out files sharing more than this share of their pitch 4-grams "
+        "with a validation score (default %(default)s)",
+    )
     ap.add_argument("--no-overlap-check", action="store_true")
-    ap.add_argument("--include-scores", action="store_true",
-                    help="also list the training folders' midi_score.mid")
+    ap.add_argument(
+        "--include-scores",
+        action="store_true",
+        help="also list the training folders' midi_score.mid",
+    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     lists, excluded, summary = build_lists(
-        args.split, args.asap, dict(args.corpus), limit=args.limit,
-        threshold=args.overlap_threshold, check_overlap=not args.no_overlap_check,
-        include_scores=args.include_scores)
+        args.split,
+        args.asap,
+        dict(args.corpus),
+        limit=args.limit,
+        threshold=args.overlap_threshold,
+        check_overlap=not args.no_overlap_check,
+        include_scores=args.include_scores,
+    )
     write_lists(args.out_dir, lists, excluded, summary)
     for e in excluded:
         if e["reason"] == "overlaps validation":
-            print(f"excluded {e['corpus']}: {e['path']} (overlap {e['overlap']:.2f} with "
-                  f"{e['matches']})", file=sys.stderr)
+            print(
+                f"excluded {e['corpus']}: {e['path']} (overlap {e['overlap']:.2f} with "
+                f"{e['matches']})",
+                file=sys.stderr,
+            )
     print(json.dumps({k: summary[k] for k in ("files", "excluded", "seconds")}))
     return 0
 

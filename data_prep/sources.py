@@ -12,7 +12,7 @@ import glob
 import os
 from pathlib import Path
 
-from pianist_jax.records import KINDS
+from pianist_jax.data.records import KINDS
 
 MIDI_SUFFIXES = (".mid", ".midi")
 # Path components (lower-cased) that mark score MIDI rather than performances: ASAP's
@@ -139,9 +139,11 @@ def is_excluded(src: SourceFile, exclude: list[str]) -> bool:
     return any(fnmatch.fnmatch(src.source, pat) or fnmatch.fnmatch(name, pat) for pat in exclude)
 
 
-def collect_sources(inputs: list[str], file_lists: list[str],
-                    exclude: list[str] = ()) -> list[SourceFile]:
-    """All inputs minus excluded ones, sorted; a path reached twice under one corpus is listed once."""
+def collect_sources(
+    inputs: list[str], file_lists: list[str], exclude: list[str] = ()
+) -> list[SourceFile]:
+    """All inputs minus excluded ones, sorted; a path reached twice under one corpus is listed
+    once."""
     files: set[SourceFile] = set()
     for text in inputs:
         files.update(expand_input(parse_input_spec(text)))

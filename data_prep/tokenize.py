@@ -31,8 +31,8 @@ import os
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from data_prep import merge_manifests as mm
 from data_prep.sources import SourceFile, collect_sources
-from pianist_jax import records
+from pianist_jax.data import records
 
 log = logging.getLogger("data_prep.tokenize")
 
@@ -64,8 +64,9 @@ def assign_shard(key_hex: str, num_shards: int) -> int:
 
 def path_shard(src: SourceFile, num_shards: int) -> int:
     """Shard by (corpus, relative path): known without reading the file."""
-    return assign_shard(hashlib.sha256(f"{src.corpus}/{src.source}".encode()).hexdigest(),
-                        num_shards)
+    return assign_shard(
+        hashlib.sha256(f"{src.corpus}/{src.source}".encode()).hexdigest(), num_shards
+    )
 
 
 def _one_line(text: str) -> str:
@@ -76,7 +77,10 @@ def _one_line(text: str) -> str:
 def tokenize_one(task: tuple[str, str, str, str, str]) -> dict:
     """Worker: one file -> encoded record bytes, or a quarantine reason. Never raises."""
     path, corpus, source, kind, content_hash = task
-    from pianist_jax import midi, tokenizer  # imported in the worker; neither imports JAX
+    from pianist_jax import (  # imported in the worker; neither imports JAX
+        midi,
+        tokenizer,
+    )
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -87,16 +91,29 @@ def tokenize_one(task: tuple[str, str, str, str, str]) -> dict:
                 raise RuntimeError("file changed since it was hashed")
             ids = tokenizer.encode_notes(midi.read_midi(path, data))
             if ids.ndim != 1 or ids.size == 0 or ids.size % tokenizer.TOKENS_PER_NOTE:
-                raise ValueError(f"tokenizer returned {ids.shape} ids; need a positive "
-                                 f"multiple of {tokenizer.TOKENS_PER_NOTE}")
+                raise ValueError(
+                    f"tokenizer returned {ids.shape} ids; need a positive "
+                    f"multiple of {tokenizer.TOKENS_PER_NOTE}"
+                )
             if ids.min() < 0 or ids.max() >= tokenizer.VOCAB_SIZE:
                 raise ValueError(f"token ids outside [0, {tokenizer.VOCAB_SIZE})")
             n_notes = ids.size // tokenizer.TOKENS_PER_NOTE
             record = records.encode_record(
-                ids, source=source, corpus=corpus, kind=kind, n_notes=n_notes,
-                content_hash=content_hash, tokenizer_version=tokenizer.TOKENIZER_VERSION)
-            return {"ok": True, "record": record, "notes": n_notes, "tokens": int(ids.size),
-                    "warnings": len(caught)}
+                ids,
+                source=source,
+                corpus=corpus,
+                kind=kind,
+                n_notes=n_notes,
+                content_hash=content_hash,
+                tokenizer_version=tokenizer.TOKENIZER_VERSION,
+            )
+            return {
+                "ok": True,
+                "record": record,
+                "notes": n_notes,
+                "tokens": int(ids.size),
+                "warnings": len(caught),
+            }
         except midi.MidiError as e:
             reason = f"{type(e).__name__}: {e.reason}"
         except Exception as e:  # noqa: BLE001 - one bad file must never stop the run
@@ -107,8 +124,13 @@ def tokenize_one(task: tuple[str, str, str, str, str]) -> dict:
 class Plan:
     """Which kept files each shard holds, plus duplicates and unreadable files per shard."""
 
-    def __init__(self, sources: list[SourceFile], hashes: list[tuple[str | None, str]],
-                 num_shards: int, assign_by: str = "content"):
+    def __init__(
+        self,
+        sources: list[SourceFile],
+        hashes: list[tuple[str | None, str]],
+        num_shards: int,
+        assign_by: str = "content",
+    ):
         self.num_shards = num_shards
         self.files: dict[int, list[tuple[SourceFile, str]]] = {}
         self.duplicates: dict[int, list[dict]] = {}
@@ -125,9 +147,14 @@ class Plan:
             key = digest if assign_by == "content" else (shard, digest)  # dedupe scope
             if key in kept:
                 first = kept[key]
-                self.duplicates.setdefault(shard, []).append({
-                    "content_hash": digest, "kept": f"{first.corpus}/{first.source}",
-                    "duplicate": f"{src.corpus}/{src.source}", "corpus": src.corpus})
+                self.duplicates.setdefault(shard, []).append(
+                    {
+                        "content_hash": digest,
+                        "kept": f"{first.corpus}/{first.source}",
+                        "duplicate": f"{src.corpus}/{src.source}",
+                        "corpus": src.corpus,
+                    }
+                )
             else:
                 kept[key] = src
                 self.files.setdefault(shard, []).append((src, digest))
@@ -158,8 +185,9 @@ class ShardStats:
 
     def add_quarantine(self, src: SourceFile, reason: str) -> None:
         self.bump(src.corpus, "quarantined")
-        self.quarantine.append({"path": src.path, "corpus": src.corpus, "source": src.source,
-                                "reason": reason})
+        self.quarantine.append(
+            {"path": src.path, "corpus": src.corpus, "source": src.source, "reason": reason}
+        )
 
     def add_warnings(self, src: SourceFile, n: int) -> None:
         if n:
@@ -169,10 +197,15 @@ class ShardStats:
 def _settings(num_shards: int, exclude: list[str] = (), assign_by: str = "content") -> dict:
     from pianist_jax import tokenizer
 
-    return {"tool_version": TOOL_VERSION, "tokenizer_version": tokenizer.TOKENIZER_VERSION,
-            "record_format": records.FORMAT_VERSION,
-            "array_record_options": records.ARRAY_RECORD_OPTIONS, "num_shards": num_shards,
-            "exclude": sorted(exclude), "assign_by": assign_by}
+    return {
+        "tool_version": TOOL_VERSION,
+        "tokenizer_version": tokenizer.TOKENIZER_VERSION,
+        "record_format": records.FORMAT_VERSION,
+        "array_record_options": records.ARRAY_RECORD_OPTIONS,
+        "num_shards": num_shards,
+        "exclude": sorted(exclude),
+        "assign_by": assign_by,
+    }
 
 
 def shard_is_done(out: Path, index: int, settings: dict, overwrite: bool) -> bool:
@@ -182,8 +215,10 @@ def shard_is_done(out: Path, index: int, settings: dict, overwrite: bool) -> boo
         return False
     frag = json.loads(frag_path.read_text(encoding="utf-8"))
     if mm.settings_of(frag) != settings:
-        raise SystemExit(f"{frag_path} was written with {mm.settings_of(frag)}, this run uses "
-                         f"{settings}; use a fresh --output or pass --overwrite")
+        raise SystemExit(
+            f"{frag_path} was written with {mm.settings_of(frag)}, this run uses "
+            f"{settings}; use a fresh --output or pass --overwrite"
+        )
     shard = out / frag["file"]
     return shard.exists() and shard.stat().st_size == frag["bytes"]
 
@@ -205,8 +240,9 @@ def host_shards(num_hosts: int, host_index: int, num_shards: int) -> list[int]:
     """Contiguous shard range of one host: [h*N//H, (h+1)*N//H)."""
     if not 0 <= host_index < num_hosts:
         raise SystemExit(f"--host-index {host_index} out of range for --num-hosts {num_hosts}")
-    return list(range(host_index * num_shards // num_hosts,
-                      (host_index + 1) * num_shards // num_hosts))
+    return list(
+        range(host_index * num_shards // num_hosts, (host_index + 1) * num_shards // num_hosts)
+    )
 
 
 def _map_chunk(fn, chunk: list) -> list:
@@ -225,7 +261,7 @@ def _imap(pool, fn, items: list, workers: int):
     chunksize = max(1, min(32, len(items) // (workers * 8)))
     pending: deque = deque()
     for start in range(0, len(items), chunksize):
-        pending.append(pool.submit(_map_chunk, fn, items[start:start + chunksize]))
+        pending.append(pool.submit(_map_chunk, fn, items[start : start + chunksize]))
         if len(pending) >= workers * 4:
             yield from pending.popleft().result()
     while pending:
@@ -249,8 +285,9 @@ class Progress:
         self.bar.close()
 
 
-def write_shard(out: Path, index: int, plan: Plan, results, settings: dict, command: list[str],
-                bar: Progress) -> dict:
+def write_shard(
+    out: Path, index: int, plan: Plan, results, settings: dict, command: list[str], bar: Progress
+) -> dict:
     """Consume this shard's results (in plan order), write shard + fragment atomically."""
     n = plan.num_shards
     name = records.shard_filename(index, n)
@@ -283,39 +320,78 @@ def write_shard(out: Path, index: int, plan: Plan, results, settings: dict, comm
     dups = plan.duplicates.get(index, [])
     for d in dups:
         stats.bump(d["corpus"], "duplicates")
-    frag = {**settings, "fragment_version": mm.FRAGMENT_VERSION, "index": index, "file": name,
-            "sha256": mm.sha256_file(out / name), "bytes": (out / name).stat().st_size,
-            "totals": stats.totals, "corpora": stats.corpora, "duplicates": dups,
-            "quarantine": sorted(stats.quarantine, key=lambda q: q["path"]),
-            "command": command}
+    frag = {
+        **settings,
+        "fragment_version": mm.FRAGMENT_VERSION,
+        "index": index,
+        "file": name,
+        "sha256": mm.sha256_file(out / name),
+        "bytes": (out / name).stat().st_size,
+        "totals": stats.totals,
+        "corpora": stats.corpora,
+        "duplicates": dups,
+        "quarantine": sorted(stats.quarantine, key=lambda q: q["path"]),
+        "command": command,
+    }
     mm.write_json_atomic(frag_path, frag)
     return frag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.tokenize", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", action="append", default=[], metavar="DIR_OR_GLOB[:CORPUS[:KIND]]",
-                    help="directory (recursive *.mid/*.midi), file or glob; CORPUS defaults to "
-                         "the root directory's name, KIND (score|performance) to a guess")
-    ap.add_argument("--file-list", action="append", default=[], metavar="FILE[:CORPUS[:KIND]]",
-                    help="text file with one MIDI path per line (relative to the list's folder)")
-    ap.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                    help="skip files whose path (relative to its input) or name matches, e.g. "
-                         "'midi_score.mid' to keep only ASAP performances (repeatable)")
+    ap = argparse.ArgumentParser(
+        prog="python -m data_prep.tokenize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="DIR_OR_GLOB[:CORPUS[:KIND]]",
+        help="directory (recursive *.mid/*.midi), file or glob; CORPUS defaults to "
+        "the root directory's name, KIND (score|performance) to a guess",
+    )
+    ap.add_argument(
+        "--file-list",
+        action="append",
+        default=[],
+        metavar="FILE[:CORPUS[:KIND]]",
+        help="text file with one MIDI path per line (relative to the list's folder)",
+    )
+    ap.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip files whose path (relative to its input) or name matches, e.g. "
+        "'midi_score.mid' to keep only ASAP performances (repeatable)",
+    )
     ap.add_argument("--output", required=True, type=Path)
     ap.add_argument("--num-shards", type=int, default=8)
-    ap.add_argument("--shard-index", action="append", default=[], metavar="I|A-B|I,J",
-                    help="shards this invocation writes (repeatable; default: all)")
+    ap.add_argument(
+        "--shard-index",
+        action="append",
+        default=[],
+        metavar="I|A-B|I,J",
+        help="shards this invocation writes (repeatable; default: all)",
+    )
     ap.add_argument("--num-hosts", type=int, help="split shards into contiguous per-host ranges")
     ap.add_argument("--host-index", type=int)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="worker processes ('spawn'); 0 or 1 = tokenize in this process")
-    ap.add_argument("--assign-by", choices=("content", "path"), default="content",
-                    help="shard of a file: by content hash (default; identical files anywhere "
-                         "are written once, but every invocation reads every file to hash it) "
-                         "or by corpus/path (each host reads only its own files; duplicates "
-                         "are removed within a shard only)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes ('spawn'); 0 or 1 = tokenize in this process",
+    )
+    ap.add_argument(
+        "--assign-by",
+        choices=("content", "path"),
+        default="content",
+        help="shard of a file: by content hash (default; identical files anywhere "
+        "are written once, but every invocation reads every file to hash it) "
+        "or by corpus/path (each host reads only its own files; duplicates "
+        "are removed within a shard only)",
+    )
     ap.add_argument("--overwrite", action="store_true", help="rewrite shards already done")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return ap
@@ -368,29 +444,47 @@ def _run(args, out: Path, todo: list[int], settings: dict, command: list[str]) -
             wanted = set(todo)
             sources = [s for s in sources if path_shard(s, args.num_shards) in wanted]
         paths = [s.path for s in sources]
-        hashes = list(tqdm(_imap(pool, _sha256_path, paths, args.workers), total=len(paths),
-                           desc="hashing", unit="file", disable=args.no_progress))
+        hashes = list(
+            tqdm(
+                _imap(pool, _sha256_path, paths, args.workers),
+                total=len(paths),
+                desc="hashing",
+                unit="file",
+                disable=args.no_progress,
+            )
+        )
         plan = Plan(sources, hashes, args.num_shards, args.assign_by)
-        tasks = [(s.path, s.corpus, s.source, s.kind, h)
-                 for i in todo for s, h in plan.files.get(i, [])]
+        tasks = [
+            (s.path, s.corpus, s.source, s.kind, h) for i in todo for s, h in plan.files.get(i, [])
+        ]
         bar = Progress(len(tasks), args.no_progress)
         stack.callback(bar.close)
         results = iter(_imap(pool, tokenize_one, tasks, args.workers))
         for i in todo:
             frag = write_shard(out, i, plan, results, settings, command, bar)
             t = frag["totals"]
-            log.info("wrote %s: %d records, %d notes, %d quarantined, %d duplicates", frag["file"],
-                     t.get("files", 0), t.get("notes", 0), t.get("quarantined", 0),
-                     t.get("duplicates", 0))
-    log.info("tokenized %d files (%d notes) in %.1fs", len(tasks), bar.notes,
-             time.monotonic() - t0)
+            log.info(
+                "wrote %s: %d records, %d notes, %d quarantined, %d duplicates",
+                frag["file"],
+                t.get("files", 0),
+                t.get("notes", 0),
+                t.get("quarantined", 0),
+                t.get("duplicates", 0),
+            )
+    log.info("tokenized %d files (%d notes) in %.1fs", len(tasks), bar.notes, time.monotonic() - t0)
 
 
 def _maybe_merge(out: Path, num_shards: int) -> int:
     frags = mm.read_fragments(out)
     if len(frags) < num_shards:
-        log.info("%d of %d shards done in %s; the manifest is merged when all are (or run "
-                 "python -m data_prep.merge_manifests %s)", len(frags), num_shards, out, out)
+        log.info(
+            "%d of %d shards done in %s; the manifest is merged when all are (or run "
+            "python -m data_prep.merge_manifests %s)",
+            len(frags),
+            num_shards,
+            out,
+            out,
+        )
         return 0
     manifest = mm.merge(out)
     log.info("%s -> %s", mm.summary(manifest), out / mm.MANIFEST)

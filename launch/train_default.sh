@@ -14,8 +14,8 @@
 #   pretrain        pianist_jax.train configs/default/pretrain.yaml -> WORK/runs/pretrain
 #   sft             pianist_jax.train configs/default/sft.yaml, init from the pre-trained params
 #   export          pianist_jax.export -> WORK/export (float32; bfloat16 if it would exceed 30 MB)
-#   eval-set        data_prep.eval_set: WORK/eval/{scores,human} (validation pieces)
-#   decoding        data_prep.choose_decoding: per-slot temperature / top-p chosen on the
+#   eval-set        pianist_jax.evaluate.eval_set: WORK/eval/{scores,human} (validation pieces)
+#   decoding        pianist_jax.evaluate.choose_decoding: per-slot temperature / top-p chosen on the
 #                   validation pieces by both judges -> WORK/export/decoding.json (render's
 #                   defaults for this model); every candidate in WORK/eval/decoding/choices.json
 #   render-seedK    pianist_jax.render the validation scores with the exported model, seed K
@@ -23,7 +23,7 @@
 #                   -> WORK/eval/metrics/seedK/metrics.json
 #   evaluate-deadpan  the same for the scores themselves (deadpan baseline; human vs human is in
 #                   every metrics.json)
-#   card            data_prep.model_card: WORK/export/{MODEL_CARD.md,card.json}
+#   card            pianist_jax.artifacts.model_card: WORK/export/{MODEL_CARD.md,card.json}
 #   install         (--install) copy WORK/export to pianist_jax/assets/default
 #
 # Resuming: a stage whose command already finished (WORK/stamps/<stage>.done holds its command)
@@ -62,7 +62,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-python}"
 data="${DATA:-$repo/../shared/data}"
-max_bytes=30000000  # bundled model limit (issue 5): 30 MB
+max_bytes=30000000  # the bundled model's size limit: 30 MB
 
 work="" seed=0 split_seed=0 pretrain_steps="" sft_steps="" eval_seeds="0 1 2" eval_pieces=""
 render_batch=8 export_dtype=auto workers="$(nproc 2>/dev/null || echo 2)" stop_after=""
@@ -156,7 +156,7 @@ trap 'interrupted=1' INT TERM  # checked after each stage (bash runs it once the
 prev_id=""  # id of the last stage done: each stage's key includes it, so redoing a stage
             # redoes every stage after it
 record_time() {  # record_time STAGE SECONDS STATUS
-  "$py" -m data_prep.model_card record-time "$work/times.json" "$1" "$2" --status "$3" \
+  "$py" -m pianist_jax.artifacts.model_card record-time "$work/times.json" "$1" "$2" --status "$3" \
     >/dev/null
 }
 elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }'; }
@@ -343,13 +343,13 @@ stage export --clean "$work/export" --show "$export_show" -- \
 stop_here export
 
 listing="$(eval_listing)"
-stage eval-set --clean "$work/eval" -- "$py" -m data_prep.eval_set "$listing" "$work/eval"
+stage eval-set --clean "$work/eval" -- "$py" -m pianist_jax.evaluate.eval_set "$listing" "$work/eval"
 stop_here eval-set
 
 decoding_smoke=()
 [[ $smoke == 0 ]] || decoding_smoke=(--max-notes 32)
 stage decoding --clean "$work/eval/decoding" -- \
-  "$py" -m data_prep.choose_decoding "$work/export" "$work/eval" --work "$work/eval/decoding" \
+  "$py" -m pianist_jax.evaluate.choose_decoding "$work/export" "$work/eval" --work "$work/eval/decoding" \
   --batch-size "$render_batch" --write "${decoding_smoke[@]}"
 stop_here decoding
 
@@ -374,7 +374,7 @@ stop_here evaluate
 # The card is rewritten on every invocation (cheap), so it always holds the latest times.
 card_flags=()
 [[ $smoke == 0 ]] || card_flags=(--smoke)
-card_cmd=("$py" -m data_prep.model_card write --work-dir "$work" --export "$work/export"
+card_cmd=("$py" -m pianist_jax.artifacts.model_card write --work-dir "$work" --export "$work/export"
           --seeds "${seeds[@]}" --command "$cmdline" "${card_flags[@]}")
 if [[ $dry_run == 1 ]]; then
   printf '[card] %s\n' "$(printf '%q ' "${card_cmd[@]}")"

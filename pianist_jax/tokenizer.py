@@ -4,6 +4,7 @@ Each note is `[Pitch, IOI, Velocity, Duration, Pedal1, Pedal2, Pedal3, Pedal4]`;
 out exactly as in the reference implementation so checkpoints are interchangeable.  Encoding
 and decoding are vectorised with numpy and produce the reference's ids bit for bit.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,11 +27,15 @@ SLOT_NAMES = ("pitch", "ioi", "velocity", "duration", "pedal1", "pedal2", "pedal
 PITCH, IOI, VELOCITY, DURATION = 0, 1, 2, 3
 # Valid id range [lo, hi) of each slot: clamp when encoding, mask when sampling.
 SLOT_RANGES = np.array(
-    [(PITCH_START, PITCH_START + 128),
-     (TIME_START, TIME_START + MAX_IOI_MS + 1),
-     (VELOCITY_START, VELOCITY_START + 128),
-     (TIME_START, TIME_START + 5000)] + [(PEDAL_START, PEDAL_START + 128)] * 4,
-    dtype=np.int64)
+    [
+        (PITCH_START, PITCH_START + 128),
+        (TIME_START, TIME_START + MAX_IOI_MS + 1),
+        (VELOCITY_START, VELOCITY_START + 128),
+        (TIME_START, TIME_START + 5000),
+    ]
+    + [(PEDAL_START, PEDAL_START + 128)] * 4,
+    dtype=np.int64,
+)
 # What a rendering may sample per slot: the valid ranges, less velocity 0. A MIDI note_on with
 # velocity 0 is a note_off, so no performed note has it (the bundled model still drew it for 2
 # of 2,311 notes of a Chopin etude, which the MIDI writer then had to play at velocity 1).
@@ -59,9 +64,16 @@ def encode_notes(notes: midi.Notes) -> np.ndarray:
     # The last integer-ms event at or before onset + gap*k/4 is the last one at or before
     # its floor.
     sample = pedal_sample_points(onset, gap_next)
-    raw = np.concatenate([
-        np.stack([notes.pitch, ioi, notes.velocity, notes.duration], 1),
-        pedal_at(notes, sample)], axis=1) + _SLOT_OFFSET
+    raw = (
+        np.concatenate(
+            [
+                np.stack([notes.pitch, ioi, notes.velocity, notes.duration], 1),
+                pedal_at(notes, sample),
+            ],
+            axis=1,
+        )
+        + _SLOT_OFFSET
+    )
     ids = np.clip(raw, SLOT_RANGES[:, 0], SLOT_RANGES[:, 1] - 1)
     return ids.reshape(-1).astype(np.int32)
 
@@ -129,8 +141,14 @@ def decode_ids(ids, score_ids=None) -> midi.Notes:
     when = pedal_sample_points(onset, gap_next).reshape(-1)
     value = tok[:, 4:].reshape(-1)
     changed = value != np.concatenate([[0], value[:-1]])
-    return midi.Notes(onset=onset, offset=onset + tok[:, DURATION], pitch=tok[:, PITCH],
-                      velocity=tok[:, VELOCITY], pedal_ms=when[changed], pedal_value=value[changed])
+    return midi.Notes(
+        onset=onset,
+        offset=onset + tok[:, DURATION],
+        pitch=tok[:, PITCH],
+        velocity=tok[:, VELOCITY],
+        pedal_ms=when[changed],
+        pedal_value=value[changed],
+    )
 
 
 def decode_to_midi(ids, out_path, score_ids=None) -> midi.Notes:
@@ -138,4 +156,3 @@ def decode_to_midi(ids, out_path, score_ids=None) -> midi.Notes:
     notes = decode_ids(ids, score_ids)
     midi.write_midi(notes, out_path)
     return notes
-

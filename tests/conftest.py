@@ -52,7 +52,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def golden_tokens() -> dict:
-    """`../shared/golden/reference_tokens.json` (reference tokenizer output), parsed; skip if absent."""
+    """`../shared/golden/reference_tokens.json` (reference tokenizer output), parsed; skip if
+    absent."""
     path = SHARED / "golden" / "reference_tokens.json"
     if not path.is_file():
         pytest.skip("../shared/golden/reference_tokens.json not present")

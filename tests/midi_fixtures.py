@@ -1,4 +1,5 @@
 """Synthetic MIDI files built in code (no binary fixtures in the repo)."""
+
 from __future__ import annotations
 
 import mido
@@ -10,8 +11,9 @@ def note_track(notes, channel=0, ticks_per_beat=480, extra=()):
     for s, e, p, v in notes:
         # at equal ticks: note_offs, then note_ons, then the offs of zero-length notes
         events.append((s, 1, mido.Message("note_on", note=p, velocity=v, channel=channel)))
-        events.append((e, 2 if e == s else 0,
-                       mido.Message("note_off", note=p, velocity=0, channel=channel)))
+        events.append(
+            (e, 2 if e == s else 0, mido.Message("note_off", note=p, velocity=0, channel=channel))
+        )
     for t, msg in extra:
         events.append((t, 0, msg))
     events.sort(key=lambda x: (x[0], x[1]))

@@ -18,8 +18,9 @@ import re
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
-                                 os.environ.get("XLA_FLAGS", "")).strip()
+os.environ["XLA_FLAGS"] = re.sub(
+    r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")
+).strip()
 
 
 def probe(coordinator: str, num_processes: int, process_id: int) -> int:
@@ -28,8 +29,12 @@ def probe(coordinator: str, num_processes: int, process_id: int) -> int:
     from jax.experimental import multihost_utils
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=60)
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=60,
+    )
     assert jax.process_count() == num_processes, jax.process_count()
     assert jax.local_device_count() == 1, jax.local_devices()
     assert jax.device_count() == num_processes, jax.devices()
@@ -46,14 +51,17 @@ def main(argv: list[str]) -> int:
         coordinator, num_processes, process_id = rest
         return probe(coordinator, int(num_processes), int(process_id))
     if mode == "train":
-        from pianist_jax import train
+        from pianist_jax.train import loop as train
 
         # Importing grain/orbax installs a root log handler (a module-level logging call), so
         # train.main's logging.basicConfig(...) is a no-op and its INFO lines ("resumed ... at
         # step N", "done: ...") would be dropped; the test reads them: configure logging first.
         # (root at WARNING: Orbax's absl INFO lines would drown the log)
-        logging.basicConfig(level=logging.WARNING, force=True,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.WARNING,
+            force=True,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         logging.getLogger("pianist_jax").setLevel(logging.INFO)
         return train.main(rest)
     raise SystemExit(f"unknown mode {mode!r} (probe or train)")

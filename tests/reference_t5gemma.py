@@ -13,6 +13,7 @@ sub-modules, as in the reference checkpoint: `model.encoder.embeddings` (the com
 is used) and a top-level `embeddings` (unused, like `model.encoder.embed_tokens`). Needs
 `pip install -r requirements-reference.txt`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,10 +31,22 @@ PAD = 0
 SLOTS = 8
 RMS_NORM_EPS = 1e-6
 # Keys of a model_cfg dict (pianist_jax ModelConfig names, plus rms_norm_eps).
-MODEL_CFG_KEYS = ("vocab_size", "hidden", "mlp", "num_heads", "num_kv_heads", "head_dim",
-                  "encoder_layers", "decoder_layers", "query_pre_attn_scalar",
-                  "attn_logit_softcap", "final_logit_softcap", "rope_theta", "sliding_window",
-                  "rms_norm_eps")
+MODEL_CFG_KEYS = (
+    "vocab_size",
+    "hidden",
+    "mlp",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "encoder_layers",
+    "decoder_layers",
+    "query_pre_attn_scalar",
+    "attn_logit_softcap",
+    "final_logit_softcap",
+    "rope_theta",
+    "sliding_window",
+    "rms_norm_eps",
+)
 
 # Tiny test models: one intra-op thread is ~30x faster than two on the 2-core CI machine
 # (OpenMP barriers for 64-wide matmuls, plus XLA's threads in the same process).
@@ -54,24 +67,32 @@ class NoteEmbeddings(nn.Module):
             raise ValueError(f"hidden ({hidden}) must be divisible by {SLOTS}")
         self.word_embeddings = nn.Embedding(vocab_size, hidden, padding_idx=PAD)
         self.projection_layers = nn.ModuleList(
-            nn.Linear(hidden, hidden // SLOTS, bias=True) for _ in range(SLOTS))
+            nn.Linear(hidden, hidden // SLOTS, bias=True) for _ in range(SLOTS)
+        )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         batch, length = input_ids.shape
         grouped = self.word_embeddings(input_ids).view(batch, length // SLOTS, SLOTS, -1)
-        return torch.cat([proj(grouped[:, :, i]) for i, proj in enumerate(self.projection_layers)],
-                         dim=-1)
+        return torch.cat(
+            [proj(grouped[:, :, i]) for i, proj in enumerate(self.projection_layers)], dim=-1
+        )
 
 
 def _module_config(cfg: dict, layers: int) -> dict:
     """T5GemmaModuleConfig kwargs of one stack (encoder or decoder)."""
     window = cfg["sliding_window"]
     return dict(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden"], intermediate_size=cfg["mlp"],
-        num_hidden_layers=layers, num_attention_heads=cfg["num_heads"],
-        num_key_value_heads=cfg["num_kv_heads"], head_dim=cfg["head_dim"],
-        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=cfg.get("rms_norm_eps", RMS_NORM_EPS),
-        rope_theta=float(cfg["rope_theta"]), attention_bias=False,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["mlp"],
+        num_hidden_layers=layers,
+        num_attention_heads=cfg["num_heads"],
+        num_key_value_heads=cfg["num_kv_heads"],
+        head_dim=cfg["head_dim"],
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=cfg.get("rms_norm_eps", RMS_NORM_EPS),
+        rope_theta=float(cfg["rope_theta"]),
+        attention_bias=False,
         query_pre_attn_scalar=_int_if_integral(cfg["query_pre_attn_scalar"]),
         attn_logit_softcapping=cfg["attn_logit_softcap"],
         final_logit_softcapping=cfg["final_logit_softcap"],
@@ -79,7 +100,11 @@ def _module_config(cfg: dict, layers: int) -> dict:
         # one every layer is full attention.
         sliding_window=window if window is not None else 4096,
         layer_types=None if window is not None else ["full_attention"] * layers,
-        pad_token_id=PAD, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+        pad_token_id=PAD,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=True,
+    )
 
 
 def _int_if_integral(value):
@@ -92,8 +117,14 @@ def t5gemma_config(model_cfg: dict) -> T5GemmaConfig:
     config = T5GemmaConfig(
         encoder=_module_config(model_cfg, model_cfg["encoder_layers"]),
         decoder=_module_config(model_cfg, model_cfg["decoder_layers"]),
-        vocab_size=model_cfg["vocab_size"], tie_word_embeddings=True, dropout_rate=0.0,
-        attention_dropout=0.0, pad_token_id=PAD, bos_token_id=2, eos_token_id=3)
+        vocab_size=model_cfg["vocab_size"],
+        tie_word_embeddings=True,
+        dropout_rate=0.0,
+        attention_dropout=0.0,
+        pad_token_id=PAD,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     config.architectures = ["T5GemmaForConditionalGeneration"]
     config.torch_dtype = torch.float32  # written as "float32"
     config._attn_implementation = "eager"  # propagated to encoder/decoder by __setattr__
@@ -139,8 +170,11 @@ def build_reference(model_cfg: dict, seed: int, qk_gain: float = 4.0) -> nn.Modu
 
 def state_dict_for_file(module: nn.Module) -> dict[str, torch.Tensor]:
     """The checkpoint tensors: the module's state_dict without the tied `lm_head` copy."""
-    return {name: t.detach().contiguous().clone() for name, t in module.state_dict().items()
-            if not name.startswith("lm_head.")}
+    return {
+        name: t.detach().contiguous().clone()
+        for name, t in module.state_dict().items()
+        if not name.startswith("lm_head.")
+    }
 
 
 def hf_config_dict(module: nn.Module) -> dict:
@@ -166,8 +200,9 @@ def save_reference(module: nn.Module, out_dir, model_cfg: dict) -> Path:
                 raise ValueError(f"model_cfg does not match the module: {part}.{key}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict_for_file(module), str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        state_dict_for_file(module), str(out_dir / "model.safetensors"), metadata={"format": "pt"}
+    )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -191,13 +226,21 @@ def model_cfg_from_hf(config: dict) -> dict:
     enc, dec = config["encoder"], config["decoder"]
     full = enc.get("layer_types") and all(t == "full_attention" for t in enc["layer_types"])
     return dict(
-        vocab_size=config["vocab_size"], hidden=enc["hidden_size"], mlp=enc["intermediate_size"],
-        num_heads=enc["num_attention_heads"], num_kv_heads=enc["num_key_value_heads"],
-        head_dim=enc["head_dim"], encoder_layers=enc["num_hidden_layers"],
-        decoder_layers=dec["num_hidden_layers"], query_pre_attn_scalar=enc["query_pre_attn_scalar"],
+        vocab_size=config["vocab_size"],
+        hidden=enc["hidden_size"],
+        mlp=enc["intermediate_size"],
+        num_heads=enc["num_attention_heads"],
+        num_kv_heads=enc["num_key_value_heads"],
+        head_dim=enc["head_dim"],
+        encoder_layers=enc["num_hidden_layers"],
+        decoder_layers=dec["num_hidden_layers"],
+        query_pre_attn_scalar=enc["query_pre_attn_scalar"],
         attn_logit_softcap=enc["attn_logit_softcapping"],
-        final_logit_softcap=dec["final_logit_softcapping"], rope_theta=enc["rope_theta"],
-        sliding_window=None if full else enc["sliding_window"], rms_norm_eps=enc["rms_norm_eps"])
+        final_logit_softcap=dec["final_logit_softcapping"],
+        rope_theta=enc["rope_theta"],
+        sliding_window=None if full else enc["sliding_window"],
+        rms_norm_eps=enc["rms_norm_eps"],
+    )
 
 
 def note_mask(encoder_ids: torch.Tensor) -> torch.Tensor:
@@ -207,9 +250,12 @@ def note_mask(encoder_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_forward(module: nn.Module, encoder_ids: np.ndarray, decoder_input_ids: np.ndarray,
-                      decoder_attention_mask: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def reference_forward(
+    module: nn.Module,
+    encoder_ids: np.ndarray,
+    decoder_input_ids: np.ndarray,
+    decoder_attention_mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(encoder states [B, N, H], soft-capped logits [B, T, V]), both float32 numpy.
 
     encoder ids -> `model.encoder.embeddings` -> `T5GemmaForConditionalGeneration.forward(
@@ -223,11 +269,19 @@ def reference_forward(module: nn.Module, encoder_ids: np.ndarray, decoder_input_
     dec = torch.as_tensor(np.asarray(decoder_input_ids, dtype=np.int64))
     if ids.ndim != 2 or ids.shape[1] % SLOTS:
         raise ValueError(f"encoder_ids must be [B, 8N], got {tuple(ids.shape)}")
-    dec_mask = None if decoder_attention_mask is None else torch.as_tensor(
-        np.asarray(decoder_attention_mask, dtype=np.int64))
-    out = module(inputs_embeds=module.model.encoder.embeddings(ids), attention_mask=note_mask(ids),
-                 decoder_input_ids=dec, decoder_attention_mask=dec_mask, use_cache=False,
-                 return_dict=True)
+    dec_mask = (
+        None
+        if decoder_attention_mask is None
+        else torch.as_tensor(np.asarray(decoder_attention_mask, dtype=np.int64))
+    )
+    out = module(
+        inputs_embeds=module.model.encoder.embeddings(ids),
+        attention_mask=note_mask(ids),
+        decoder_input_ids=dec,
+        decoder_attention_mask=dec_mask,
+        use_cache=False,
+        return_dict=True,
+    )
     return (out.encoder_last_hidden_state.float().numpy(), out.logits.float().numpy())
 
 

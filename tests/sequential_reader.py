@@ -1,11 +1,12 @@
 """A slow, event-by-event model of how the reference reads MIDI, for cross-checking.
 
-Written from the semantics documented in pianist_jax/midi_events.py (FIFO pairing per
+Written from the semantics documented in pianist_jax/midi/events.py (FIFO pairing per
 (track, channel, pitch); notes listed per instrument (track, channel, program at the note-off)
 in order of note-off; control changes collected in per-instrument lists, with per-(track,
 channel) straggler lists adopted by the first instrument created afterwards). It is plain
 Python with no vectorisation, so a disagreement points at the fast code.
 """
+
 from __future__ import annotations
 
 import mido

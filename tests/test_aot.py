@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pianist_jax import aot
 from pianist_jax.config import load_config
+from pianist_jax.train import aot
 
 REPO = Path(__file__).resolve().parents[1]
 LIBTPU_TARGET = REPO / ".libtpu"
@@ -29,24 +29,46 @@ def _aot_env() -> dict[str, str]:
     if importlib.util.find_spec("libtpu") is not None:
         return env
     if (LIBTPU_TARGET / "libtpu").is_dir():
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIBTPU_TARGET),
-                                                          env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(LIBTPU_TARGET), env.get("PYTHONPATH")])
+        )
         return env
-    pytest.skip("libtpu is not installed (pip install -r requirements-tpu.txt, or "
-                "pip install --target .libtpu -r requirements-tpu.txt as .ci/run does)")
+    pytest.skip(
+        "libtpu is not installed (pip install -r requirements-tpu.txt, or "
+        "pip install --target .libtpu -r requirements-tpu.txt as .ci/run does)"
+    )
 
 
 def _run(args: list[str], tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pianist_jax.aot", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pianist_jax.aot", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_tiny_compiles_for_v5e_2x2(tmp_path):
     env = _aot_env()
     out = tmp_path / "report.json"
-    proc = _run(["--config", "configs/pretrain.yaml", "model=tiny", "train.batch_size=8",
-                 "data.block_size=256", "mesh.shape=[2,2,1]", "--topology", "v5e:2x2",
-                 "--json", str(out)], tmp_path, env)
+    proc = _run(
+        [
+            "--config",
+            "configs/pretrain.yaml",
+            "model=tiny",
+            "train.batch_size=8",
+            "data.block_size=256",
+            "mesh.shape=[2,2,1]",
+            "--topology",
+            "v5e:2x2",
+            "--json",
+            str(out),
+        ],
+        tmp_path,
+        env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "per-chip memory" in proc.stdout and "fits" in proc.stdout
     report = json.loads(out.read_text())
@@ -61,17 +83,42 @@ def test_tiny_compiles_for_v5e_2x2(tmp_path):
     assert "fsdp" in embed["spec"] and embed["per_chip"][1] == embed["shape"][1] // 2
 
     # a chip with too little HBM: exit 3 and say so
-    proc = _run(["--config", "configs/pretrain.yaml", "model=tiny", "train.batch_size=8",
-                 "data.block_size=256", "mesh.shape=[2,2,1]", "--topology", "v5e:2x2",
-                 "--hbm-gib", "0.001"], tmp_path, env)
+    proc = _run(
+        [
+            "--config",
+            "configs/pretrain.yaml",
+            "model=tiny",
+            "train.batch_size=8",
+            "data.block_size=256",
+            "mesh.shape=[2,2,1]",
+            "--topology",
+            "v5e:2x2",
+            "--hbm-gib",
+            "0.001",
+        ],
+        tmp_path,
+        env,
+    )
     assert proc.returncode == aot.EXIT_DOES_NOT_FIT, proc.stderr[-2000:]
     assert "DOES NOT FIT" in proc.stdout
 
 
 def test_bad_topology_is_one_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pianist_jax.aot", "--config",
-                           "configs/pretrain.yaml", "--topology", "v5e-256"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pianist_jax.aot",
+            "--config",
+            "configs/pretrain.yaml",
+            "--topology",
+            "v5e-256",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == aot.EXIT_BAD_INPUT
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --topology 'v5e-256'")
 

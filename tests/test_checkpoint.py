@@ -16,8 +16,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pianist_jax import checkpoint as ckpt
 from pianist_jax.config import Config, TrainConfig
+from pianist_jax.train import checkpoint as ckpt
 
 AXES = ("data", "fsdp", "tensor")
 SPECS = {  # leaf -> PartitionSpec on the saving mesh: sharded dims and None mixed
@@ -35,27 +35,32 @@ def make_mesh(shape, devices=None):
 
 def make_state(mesh, scale=1.0):
     values = {
-        "params": {"w": jnp.arange(64.0).reshape(8, 8) * scale, "b": jnp.arange(8.0) * scale,
-                   "emb": jnp.arange(128, dtype=jnp.bfloat16).reshape(2, 64) * scale},
-        "opt_state": {"mu": {"w": -jnp.arange(64.0).reshape(8, 8) * scale},
-                      "count": jnp.int32(7)},
+        "params": {
+            "w": jnp.arange(64.0).reshape(8, 8) * scale,
+            "b": jnp.arange(8.0) * scale,
+            "emb": jnp.arange(128, dtype=jnp.bfloat16).reshape(2, 64) * scale,
+        },
+        "opt_state": {"mu": {"w": -jnp.arange(64.0).reshape(8, 8) * scale}, "count": jnp.int32(7)},
         "step": jnp.int32(3),
         "rng": jax.random.key_data(jax.random.key(42)),
     }
-    return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)),
-                        values, SPECS)
+    return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), values, SPECS)
 
 
 def abstract(state, mesh, specs=None):
     """What the trainer builds from its current mesh: shapes + the shardings it wants."""
     specs = jax.tree.map(lambda _: P(), state) if specs is None else specs
-    return jax.tree.map(lambda x, spec: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=NamedSharding(mesh, spec)), state, specs)
+    return jax.tree.map(
+        lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
+        state,
+        specs,
+    )
 
 
 def assert_same(restored, expected):
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 restored, expected)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, expected
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +137,17 @@ def test_nothing_restorable_lists_what_was_tried(tmp_path, mesh8):
     (tmp_path / "1" / ckpt.COMMIT_MARKER).unlink()
     target = abstract(make_state(mesh8), mesh8)
     with ckpt.Checkpointer(tmp_path) as loader:
-        with pytest.warns(ckpt.CheckpointWarning), pytest.raises(
-                ckpt.CheckpointError, match=r"tried:\n.*1: FileNotFoundError"):
+        with (
+            pytest.warns(ckpt.CheckpointWarning),
+            pytest.raises(ckpt.CheckpointError, match=r"tried:\n.*1: FileNotFoundError"),
+        ):
             loader.restore(target)
         with pytest.raises(ValueError, match="sharding"):
             loader.restore({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
-    with (ckpt.Checkpointer(tmp_path / "empty") as empty,
-          pytest.raises(ckpt.CheckpointError, match="no checkpoint steps")):
+    with (
+        ckpt.Checkpointer(tmp_path / "empty") as empty,
+        pytest.raises(ckpt.CheckpointError, match="no checkpoint steps"),
+    ):
         empty.restore(target)
 
 
@@ -174,8 +183,9 @@ def test_grain_iterator_resumes_after_the_save_point(tmp_path, mesh8):
             loader.restore(abstract(state, mesh8), data_iter=make_iter(), config=bigger)
         untouched = make_iter()
         with pytest.warns(ckpt.CheckpointWarning, match="allow_remap"):
-            loader.restore(abstract(state, mesh8), data_iter=untouched, config=bigger,
-                           allow_remap=True)
+            loader.restore(
+                abstract(state, mesh8), data_iter=untouched, config=bigger, allow_remap=True
+            )
     assert next(untouched) == next(make_iter())
 
 
@@ -260,7 +270,7 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 import grain, numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from pianist_jax import checkpoint as ckpt
+from pianist_jax.train import checkpoint as ckpt
 
 mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 1), ("data", "fsdp", "tensor"))
 full = np.arange(12.0).reshape(4, 3)
@@ -301,11 +311,21 @@ def test_two_processes_share_one_checkpoint(tmp_path):
         port = str(sock.getsockname()[1])
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(pid), port, str(tmp_path / "run")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for pid in (0, 1)]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(pid), port, str(tmp_path / "run")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
     try:
         outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     finally:
@@ -314,7 +334,8 @@ def test_two_processes_share_one_checkpoint(tmp_path):
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
     results = [json.loads(out.split("RESULT ", 1)[1].splitlines()[0]) for out in outputs]
-    assert results[0] == results[1] == {"step": 1, "iter_ok": True, "values_ok": True,
-                                        "stopped_at": 8}
+    assert (
+        results[0] == results[1] == {"step": 1, "iter_ok": True, "values_ok": True, "stopped_at": 8}
+    )
     files = sorted(p.name for p in (tmp_path / "run" / "8" / "data_iter").glob("*.json"))
     assert files == ["process_0-of-2.json", "process_1-of-2.json"]

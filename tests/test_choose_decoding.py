@@ -1,4 +1,6 @@
-"""data_prep.choose_decoding: a coordinate search over per-slot settings, judged both ways."""
+"""pianist_jax.evaluate.choose_decoding: a coordinate search over per-slot settings, judged
+both ways."""
+
 from __future__ import annotations
 
 import json
@@ -6,10 +8,12 @@ import json
 import numpy as np
 from flax import nnx
 
-from data_prep import choose_decoding
-from pianist_jax import decoding, export, midi
+from pianist_jax import midi
+from pianist_jax.artifacts import export
 from pianist_jax.config import load_config
+from pianist_jax.evaluate import choose_decoding
 from pianist_jax.model import PianistTransformer
+from pianist_jax.render import decoding
 
 
 def _piece(path, n, seed, jitter):
@@ -17,9 +21,14 @@ def _piece(path, n, seed, jitter):
     onset = np.cumsum(rng.choice([0, 125, 250], n)) + (rng.integers(0, 40, n) if jitter else 0)
     onset = np.sort(onset)
     pitch = 48 + (np.arange(n) * 5) % 30
-    notes = midi.Notes(onset=onset, offset=onset + 150, pitch=pitch,
-                       velocity=rng.integers(30, 100, n) if jitter else np.full(n, 64),
-                       pedal_ms=np.array([0, 500]), pedal_value=np.array([127, 0]))
+    notes = midi.Notes(
+        onset=onset,
+        offset=onset + 150,
+        pitch=pitch,
+        velocity=rng.integers(30, 100, n) if jitter else np.full(n, 64),
+        pedal_ms=np.array([0, 500]),
+        pedal_value=np.array([127, 0]),
+    )
     midi.write_midi(notes, path)
 
 

@@ -9,14 +9,21 @@ from pianist_jax import config as C
 from pianist_jax.config import Config, ConfigError, load_config
 
 # Sweep specs (configs/sweeps/) are not run configs; tests/test_sweep.py loads every one of them.
-CONFIGS = sorted(p for p in C.CONFIG_ROOT.rglob("*.yaml")
-                 if p.relative_to(C.CONFIG_ROOT).parts[0] != "sweeps")
+CONFIGS = sorted(
+    p for p in C.CONFIG_ROOT.rglob("*.yaml") if p.relative_to(C.CONFIG_ROOT).parts[0] != "sweeps"
+)
 
 
 def test_configs_found():
     names = {p.relative_to(C.CONFIG_ROOT).as_posix() for p in CONFIGS}
-    assert {"pretrain.yaml", "sft.yaml", "model/tiny.yaml", "model/small.yaml",
-            "model/base.yaml", "model/sym66.yaml"} <= names
+    assert {
+        "pretrain.yaml",
+        "sft.yaml",
+        "model/tiny.yaml",
+        "model/small.yaml",
+        "model/base.yaml",
+        "model/sym66.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(C.CONFIG_ROOT).as_posix())
@@ -47,7 +54,12 @@ def _approx_params(m):
 def test_model_presets():
     base, sym, tiny, small = (_model(n) for n in ("base", "sym66", "tiny", "small"))
     assert (base.hidden, base.mlp, base.num_heads, base.num_kv_heads, base.head_dim) == (
-        768, 3072, 8, 4, 128)
+        768,
+        3072,
+        8,
+        4,
+        128,
+    )
     assert (base.encoder_layers, base.decoder_layers) == (10, 2)
     assert (sym.encoder_layers, sym.decoder_layers, sym.hidden) == (6, 6, 768)
     assert base.vocab_size == 5389 and base.query_pre_attn_scalar == 256.0
@@ -69,16 +81,19 @@ def test_recipes_match_paper():
 
 
 def test_overrides():
-    cfg = load_config("configs/pretrain.yaml", [
-        "model=model/tiny.yaml",  # swap a whole section for a file, then tweak it
-        "model.hidden=128",
-        "train.lr=1e-3",  # PyYAML reads 1e-3 as a string; float fields accept it
-        "train.init_from=runs/x",
-        "train.grad_clip=null",
-        "mesh.shape=[2, 2, 2]",
-        "data.sources.0.weight=3",
-        "mesh.rules=[[batch, data], [embed, null]]",
-    ])
+    cfg = load_config(
+        "configs/pretrain.yaml",
+        [
+            "model=model/tiny.yaml",  # swap a whole section for a file, then tweak it
+            "model.hidden=128",
+            "train.lr=1e-3",  # PyYAML reads 1e-3 as a string; float fields accept it
+            "train.init_from=runs/x",
+            "train.grad_clip=null",
+            "mesh.shape=[2, 2, 2]",
+            "data.sources.0.weight=3",
+            "mesh.rules=[[batch, data], [embed, null]]",
+        ],
+    )
     assert cfg.model.hidden == 128 and cfg.model.encoder_layers == 2
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
     assert cfg.train.init_from == "runs/x" and cfg.train.grad_clip is None
@@ -96,12 +111,15 @@ def test_defaults_without_file():
     assert cfg.model.slot_dim == 96 and cfg.data.notes_per_block == 512
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.hiden=3", "model.hiden"),
-    ("modle.hidden=3", "modle"),
-    ("train.lr.x=3", "train.lr"),
-    ("data.sources.0.wieght=2", "data.sources.0.wieght"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.hiden=3", "model.hiden"),
+        ("modle.hidden=3", "modle"),
+        ("train.lr.x=3", "train.lr"),
+        ("data.sources.0.wieght=2", "data.sources.0.wieght"),
+    ],
+)
 def test_unknown_override_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("configs/pretrain.yaml", [override])
@@ -114,33 +132,39 @@ def test_unknown_key_in_file(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.hidden=abc", "model.hidden"),
-    ("model.hidden=64.0", "model.hidden"),
-    ("model.hidden=true", "model.hidden"),
-    ("train.lr=fast", "train.lr"),
-    ("data.binarize_pedal=1", "data.binarize_pedal"),
-    ("train.schedule=cosin", "train.schedule"),
-    ("model.dtype=float64", "model.dtype"),
-    ("mesh.shape=8", "mesh.shape"),
-    ("train.steps=[1]", "train.steps"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.hidden=abc", "model.hidden"),
+        ("model.hidden=64.0", "model.hidden"),
+        ("model.hidden=true", "model.hidden"),
+        ("train.lr=fast", "train.lr"),
+        ("data.binarize_pedal=1", "data.binarize_pedal"),
+        ("train.schedule=cosin", "train.schedule"),
+        ("model.dtype=float64", "model.dtype"),
+        ("mesh.shape=8", "mesh.shape"),
+        ("train.steps=[1]", "train.steps"),
+    ],
+)
 def test_type_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("configs/pretrain.yaml", [override])
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.hidden=100", "model.hidden"),  # not divisible by 8
-    ("model.num_kv_heads=3", "model.num_heads"),
-    ("data.block_size=4095", "data.block_size"),
-    ("data.mask_prob=1.5", "data.mask_prob"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("train.microbatches=3", "train.batch_size"),
-    ("mesh.shape=[-1, -1, 1]", "mesh.shape"),
-    ("mesh.rules=[[batch, pipeline]]", "mesh.rules"),
-    ("mesh.rules=[[batch, data], [batch, null]]", "mesh.rules"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.hidden=100", "model.hidden"),  # not divisible by 8
+        ("model.num_kv_heads=3", "model.num_heads"),
+        ("data.block_size=4095", "data.block_size"),
+        ("data.mask_prob=1.5", "data.mask_prob"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.microbatches=3", "train.batch_size"),
+        ("mesh.shape=[-1, -1, 1]", "mesh.shape"),
+        ("mesh.rules=[[batch, pipeline]]", "mesh.rules"),
+        ("mesh.rules=[[batch, data], [batch, null]]", "mesh.rules"),
+    ],
+)
 def test_validation(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("configs/pretrain.yaml", [override])
@@ -165,7 +189,8 @@ def test_include_cycle(tmp_path):
 def test_include_order_and_relative_paths(tmp_path):
     (tmp_path / "m.yaml").write_text("include: model/tiny.yaml\nhidden: 32\n")
     (tmp_path / "run.yaml").write_text(
-        "defaults: [pretrain.yaml]\nname: mine\nmodel: m.yaml\ntrain: {steps: 10, warmup_steps: 1}\n")
+        "defaults: [pretrain.yaml]\nname: mine\nmodel: m.yaml\ntrain: {steps: 10, warmup_steps: 1}\n"  # noqa: E501
+    )
     cfg = load_config(tmp_path / "run.yaml", ["train.steps=20"])
     assert cfg.name == "mine" and cfg.model.hidden == 32 and cfg.model.mlp == 256
     assert cfg.train.steps == 20 and cfg.train.lr == 3e-4  # the rest comes from pretrain.yaml
@@ -201,7 +226,10 @@ def test_resolved_shape_errors():
 
 def test_paths_resolve_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert load_config(str(C.CONFIG_ROOT / "pretrain.yaml"), ["model=model/tiny.yaml"]).model.hidden == 64
+    assert (
+        load_config(str(C.CONFIG_ROOT / "pretrain.yaml"), ["model=model/tiny.yaml"]).model.hidden
+        == 64
+    )
     assert Path(C.CONFIG_ROOT).name == "configs"
 
 

@@ -1,4 +1,4 @@
-"""The Grain pre-training pipeline (pianist_jax/data.py) on tiny synthetic shards.
+"""The Grain pre-training pipeline (pianist_jax/data/pipeline.py) on tiny synthetic shards.
 
 Every synthetic note carries its record number in the IOI slot and its source's marker in the
 pedal slots, so a block says which records and which source it was cut from.
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from pianist_jax import data, records
 from pianist_jax import tokenizer as tok
-from pianist_jax.config_schema import Config, DataConfig, SourceConfig, TrainConfig
+from pianist_jax.config.schema import Config, DataConfig, SourceConfig, TrainConfig
+from pianist_jax.data import pipeline as data
+from pianist_jax.data import records
 
 BLOCK = 64  # 8 notes: pieces (3..40 notes) span several blocks and blocks span several pieces
 
@@ -30,20 +31,29 @@ def piece_ids(record: int, n_notes: int, marker: int) -> np.ndarray:
     return notes.reshape(-1)
 
 
-def write_source(directory, n_records: int, marker: int, num_shards: int = 2,
-                 extra: tuple[np.ndarray, ...] = ()) -> dict[int, np.ndarray]:
+def write_source(
+    directory, n_records: int, marker: int, num_shards: int = 2, extra: tuple[np.ndarray, ...] = ()
+) -> dict[int, np.ndarray]:
     """Shards with records 0..n_records-1 (3..40 notes each) plus `extra` raw id arrays."""
     directory.mkdir(parents=True)
     pieces = {r: piece_ids(r, 3 + (r * 7) % 38, marker) for r in range(n_records)}
     all_ids = list(pieces.values()) + list(extra)
     for s in range(num_shards):
-        writer = ArrayRecordWriter(str(directory / records.shard_filename(s, num_shards)),
-                                   records.ARRAY_RECORD_OPTIONS)
+        writer = ArrayRecordWriter(
+            str(directory / records.shard_filename(s, num_shards)), records.ARRAY_RECORD_OPTIONS
+        )
         for i in range(s, len(all_ids), num_shards):
             ids = all_ids[i]
-            writer.write(records.encode_record(
-                ids, source=f"piece{i}.mid", corpus="synthetic", kind="performance",
-                n_notes=len(ids) // 8, content_hash=f"{i:064x}"))
+            writer.write(
+                records.encode_record(
+                    ids,
+                    source=f"piece{i}.mid",
+                    corpus="synthetic",
+                    kind="performance",
+                    n_notes=len(ids) // 8,
+                    content_hash=f"{i:064x}",
+                )
+            )
         writer.close()
     return pieces
 
@@ -52,20 +62,42 @@ def write_source(directory, n_records: int, marker: int, num_shards: int = 2,
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     short = (np.zeros(0, np.int64), piece_ids(999, 1, 0)[:4])  # skipped: < 8 tokens
-    return {"a": (root / "a", write_source(root / "a", 30, marker=1, extra=short)),
-            "b": (root / "b", write_source(root / "b", 12, marker=2))}
+    return {
+        "a": (root / "a", write_source(root / "a", 30, marker=1, extra=short)),
+        "b": (root / "b", write_source(root / "b", 12, marker=2)),
+    }
 
 
-def make_cfg(shards, *, names=("a",), weights=None, batch=4, seed=0, mask_prob=0.3,
-             crop_prob=0.0, workers=0, **source_kw) -> Config:
+def make_cfg(
+    shards,
+    *,
+    names=("a",),
+    weights=None,
+    batch=4,
+    seed=0,
+    mask_prob=0.3,
+    crop_prob=0.0,
+    workers=0,
+    **source_kw,
+) -> Config:
     weights = weights or [1.0] * len(names)
-    sources = tuple(SourceConfig(name=n, path=str(shards[n][0]), weight=w, **source_kw)
-                    for n, w in zip(names, weights))
-    return Config(data=DataConfig(sources=sources, eval_sources=sources[:1], block_size=BLOCK,
-                                  window_stride=BLOCK // 2,
-                                  mask_prob=mask_prob, crop_prob=crop_prob, seed=seed,
-                                  worker_count=workers),
-                  train=TrainConfig(batch_size=batch))
+    sources = tuple(
+        SourceConfig(name=n, path=str(shards[n][0]), weight=w, **source_kw)
+        for n, w in zip(names, weights)
+    )
+    return Config(
+        data=DataConfig(
+            sources=sources,
+            eval_sources=sources[:1],
+            block_size=BLOCK,
+            window_stride=BLOCK // 2,
+            mask_prob=mask_prob,
+            crop_prob=crop_prob,
+            seed=seed,
+            worker_count=workers,
+        ),
+        train=TrainConfig(batch_size=batch),
+    )
 
 
 def take(it, n):
@@ -95,8 +127,9 @@ def test_shapes_and_dtypes(shards):
 def test_masking_and_decoder_input(shards):
     cfg = make_cfg(shards, names=("a", "b"), batch=8, crop_prob=0.3)
     batches = take(data.make_train_iterator(cfg, process_index=0, process_count=1), 40)
-    enc, dec, tgt, loss = (stack(batches, k) for k in
-                           ("encoder_ids", "decoder_input_ids", "targets", "loss_mask"))
+    enc, dec, tgt, loss = (
+        stack(batches, k) for k in ("encoder_ids", "decoder_input_ids", "targets", "loss_mask")
+    )
     real = tgt != tok.PAD
     assert real.sum() / tgt.size < 1.0  # some crops, so PAD is exercised
     assert abs(loss.sum() / real.sum() - 0.3) < 0.01  # exact count per block: tight
@@ -113,8 +146,9 @@ def test_masking_and_decoder_input(shards):
 
 def test_masked_positions_are_uniform_over_slots(shards):
     cfg = make_cfg(shards, batch=8)
-    loss = stack(take(data.make_train_iterator(cfg, process_index=0, process_count=1), 30),
-                 "loss_mask")
+    loss = stack(
+        take(data.make_train_iterator(cfg, process_index=0, process_count=1), 30), "loss_mask"
+    )
     per_slot = loss.reshape(-1, tok.TOKENS_PER_NOTE).mean(0)
     assert np.all(np.abs(per_slot - 0.3) < 0.04), per_slot
 
@@ -122,19 +156,22 @@ def test_masked_positions_are_uniform_over_slots(shards):
 def test_packing_concatenates_shuffled_pieces(shards):
     """Blocks are the host's shuffled piece stream cut every BLOCK tokens, with no gaps."""
     cfg = make_cfg(shards)
-    stream, _ = data.source_dataset(cfg.data.sources[0], seed=data.derive_seed(0, "train"),
-                                    process_index=0, process_count=1)
+    stream, _ = data.source_dataset(
+        cfg.data.sources[0], seed=data.derive_seed(0, "train"), process_index=0, process_count=1
+    )
     expected = np.concatenate([stream[i] for i in range(40)]).astype(np.int32)
-    got = stack(take(data.make_train_iterator(cfg, process_index=0, process_count=1), 10),
-                "targets").reshape(-1)
+    got = stack(
+        take(data.make_train_iterator(cfg, process_index=0, process_count=1), 10), "targets"
+    ).reshape(-1)
     assert len(got) % 8 == 0 and len(got) <= len(expected)
     np.testing.assert_array_equal(got, expected[: len(got)])
 
 
 def test_short_records_are_skipped_and_blocks_note_aligned(shards):
     cfg = make_cfg(shards, batch=8)
-    tgt = stack(take(data.make_train_iterator(cfg, process_index=0, process_count=1), 20),
-                "targets")
+    tgt = stack(
+        take(data.make_train_iterator(cfg, process_index=0, process_count=1), 20), "targets"
+    )
     notes = tgt.reshape(-1, tok.TOKENS_PER_NOTE)
     lo, hi = tok.SLOT_RANGES[:, 0], tok.SLOT_RANGES[:, 1]
     assert np.all((notes >= lo) & (notes < hi))  # a 4-token record would shift every slot
@@ -146,8 +183,16 @@ def test_all_short_records_raise(tmp_path):
     d.mkdir()
     writer = ArrayRecordWriter(str(d / records.shard_filename(0, 1)), records.ARRAY_RECORD_OPTIONS)
     for i in range(3):
-        writer.write(records.encode_record(np.arange(5, 9), source=f"{i}", corpus="c",
-                                           kind="score", n_notes=0, content_hash="0"))
+        writer.write(
+            records.encode_record(
+                np.arange(5, 9),
+                source=f"{i}",
+                corpus="c",
+                kind="score",
+                n_notes=0,
+                content_hash="0",
+            )
+        )
     writer.close()
     cfg = make_cfg({"a": (d, None)})
     with pytest.raises(ValueError, match="'a'.*no record with at least 8 tokens"):
@@ -194,11 +239,14 @@ def test_hosts_read_disjoint_records_covering_the_source(shards):
     source = make_cfg(shards).data.sources[0]
     n_hosts, epochs = 3, []
     for host in range(n_hosts):
-        ds, per_epoch = data.source_dataset(source, seed=7, process_index=host,
-                                            process_count=n_hosts)
+        ds, per_epoch = data.source_dataset(
+            source, seed=7, process_index=host, process_count=n_hosts
+        )
         assert per_epoch == 32 // n_hosts + (host < 32 % n_hosts)  # 30 pieces + 2 short
-        rec = [int(x[tok.IOI]) - tok.TIME_START if len(x) else -1  # -1: a short record
-               for x in (ds[i] for i in range(2 * per_epoch))]
+        rec = [
+            int(x[tok.IOI]) - tok.TIME_START if len(x) else -1  # -1: a short record
+            for x in (ds[i] for i in range(2 * per_epoch))
+        ]
         epochs.append((rec[:per_epoch], rec[per_epoch:]))
     for epoch in (0, 1):  # in every epoch the hosts' records are disjoint and complete
         assert sorted(r for e in epochs for r in e[epoch]) == [-1, -1] + list(range(30))
@@ -208,8 +256,7 @@ def test_hosts_read_disjoint_records_covering_the_source(shards):
 
 def test_host_batches_differ_and_batch_must_divide(shards):
     cfg = make_cfg(shards, batch=4)
-    a, b = (next(data.make_train_iterator(cfg, process_index=i, process_count=2))
-            for i in range(2))
+    a, b = (next(data.make_train_iterator(cfg, process_index=i, process_count=2)) for i in range(2))
     assert a["targets"].shape == (2, BLOCK)
     assert not np.array_equal(a["targets"], b["targets"])
     with pytest.raises(ValueError, match="divisible"):
@@ -218,8 +265,9 @@ def test_host_batches_differ_and_batch_must_divide(shards):
 
 def test_mixing_weights(shards):
     cfg = make_cfg(shards, names=("a", "b"), weights=[3.0, 1.0], batch=8)
-    tgt = stack(take(data.make_train_iterator(cfg, process_index=0, process_count=1), 25),
-                "targets")
+    tgt = stack(
+        take(data.make_train_iterator(cfg, process_index=0, process_count=1), 25), "targets"
+    )
     source = tgt[:, 4] - tok.PEDAL_START  # pedal marker of each block's first note
     assert set(np.unique(source)) == {1, 2}
     assert abs(np.mean(source == 1) - 0.75) < 0.03
@@ -227,8 +275,9 @@ def test_mixing_weights(shards):
 
 def test_crops_are_whole_notes(shards):
     cfg = make_cfg(shards, batch=8, crop_prob=0.5)
-    tgt = stack(take(data.make_train_iterator(cfg, process_index=0, process_count=1), 25),
-                "targets")
+    tgt = stack(
+        take(data.make_train_iterator(cfg, process_index=0, process_count=1), 25), "targets"
+    )
     lengths = (tgt != tok.PAD).sum(1)
     for row, n in zip(tgt, lengths):
         assert np.all(row[n:] == tok.PAD) and np.all(row[:n] != tok.PAD)  # PAD only at the end
@@ -240,11 +289,15 @@ def test_crops_are_whole_notes(shards):
 
 def test_eval_split_uses_eval_sources_without_crops(shards):
     cfg = make_cfg(shards, names=("b", "a"), crop_prob=1.0)
-    tgt = stack(take(data.make_train_iterator(cfg, process_index=0, process_count=1,
-                                              split="eval"), 5), "targets")
+    tgt = stack(
+        take(data.make_train_iterator(cfg, process_index=0, process_count=1, split="eval"), 5),
+        "targets",
+    )
     assert np.all(tgt != tok.PAD) and np.all(tgt[:, 4] == tok.PEDAL_START + 2)
-    bare = Config(data=DataConfig(sources=cfg.data.sources, block_size=BLOCK, window_stride=BLOCK),
-                  train=cfg.train)
+    bare = Config(
+        data=DataConfig(sources=cfg.data.sources, block_size=BLOCK, window_stride=BLOCK),
+        train=cfg.train,
+    )
     with pytest.raises(ValueError, match="eval_sources"):
         data.make_train_iterator(bare, process_index=0, process_count=1, split="eval")
 
@@ -252,8 +305,9 @@ def test_eval_split_uses_eval_sources_without_crops(shards):
 def test_jitter_stays_in_range_and_moves_only_its_slots(shards):
     def targets(**kw):
         cfg = make_cfg(shards, mask_prob=0.1, **kw)
-        return stack(take(data.make_train_iterator(cfg, process_index=0, process_count=1), 10),
-                     "targets").reshape(-1, tok.TOKENS_PER_NOTE)
+        return stack(
+            take(data.make_train_iterator(cfg, process_index=0, process_count=1), 10), "targets"
+        ).reshape(-1, tok.TOKENS_PER_NOTE)
 
     plain, jittered = targets(), targets(jitter_velocity=5, jitter_ioi=2, jitter_duration=400)
     lo, hi = tok.SLOT_RANGES[:, 0], tok.SLOT_RANGES[:, 1]

@@ -1,4 +1,4 @@
-"""The SFT pipeline (pianist_jax/data_sft.py) and epoch-based fine-tuning runs on tiny
+"""The SFT pipeline (pianist_jax/data/sft.py) and epoch-based fine-tuning runs on tiny
 synthetic aligned shards: windows + crops, aligned targets, binarised pedal, exact resume,
 one finite padded validation pass, epochs -> steps, and an init-from fine-tuning run."""
 
@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from pianist_jax import data, data_sft, records, train
 from pianist_jax import tokenizer as tok
 from pianist_jax.config import load_config
+from pianist_jax.data import pipeline as data
+from pianist_jax.data import records
+from pianist_jax.data import sft as data_sft
+from pianist_jax.train import loop as train
 
 BLOCK = 128  # 16 notes: stride 64 tokens = 8 notes
 
@@ -37,15 +40,24 @@ def pair(rng, n):
 def write_sft(directory, lengths, seed):
     directory.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    writer = ArrayRecordWriter(str(directory / records.shard_filename(0, 1)),
-                               records.ARRAY_RECORD_OPTIONS)
+    writer = ArrayRecordWriter(
+        str(directory / records.shard_filename(0, 1)), records.ARRAY_RECORD_OPTIONS
+    )
     pairs = []
     for i, n in enumerate(lengths):
         score, perf = pair(rng, n)
         pairs.append((score, perf))
-        writer.write(records.encode_record(score, source=f"p{i}.mid#seg0", corpus="syn",
-                                           kind="score", n_notes=n, content_hash=f"{i:064x}",
-                                           extras={"performance": perf}))
+        writer.write(
+            records.encode_record(
+                score,
+                source=f"p{i}.mid#seg0",
+                corpus="syn",
+                kind="score",
+                n_notes=n,
+                content_hash=f"{i:064x}",
+                extras={"performance": perf},
+            )
+        )
     writer.close()
     return pairs
 
@@ -59,12 +71,23 @@ def sft_shards(tmp_path_factory):
 
 
 def make_cfg(root, out="/tmp/unused", *extra):
-    return load_config("configs/sft.yaml", [
-        "model=tiny", "mesh.shape=[2,4,1]", f"train.output_dir={out}",
-        f"data.sources=[{{name: t, path: '{root}/train'}}]",
-        f"data.eval_sources=[{{name: v, path: '{root}/val'}}]",
-        f"data.block_size={BLOCK}", f"data.window_stride={BLOCK // 2}", "train.batch_size=8",
-        "train.log_every=1", "train.eval_every=5", "train.checkpoint_every=5", *extra])
+    return load_config(
+        "configs/sft.yaml",
+        [
+            "model=tiny",
+            "mesh.shape=[2,4,1]",
+            f"train.output_dir={out}",
+            f"data.sources=[{{name: t, path: '{root}/train'}}]",
+            f"data.eval_sources=[{{name: v, path: '{root}/val'}}]",
+            f"data.block_size={BLOCK}",
+            f"data.window_stride={BLOCK // 2}",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.eval_every=5",
+            "train.checkpoint_every=5",
+            *extra,
+        ],
+    )
 
 
 def test_window_starts_cover_and_end_at_the_end():
@@ -76,13 +99,15 @@ def test_window_starts_cover_and_end_at_the_end():
 def test_examples_are_aligned_windows_and_crops(sft_shards):
     root, pairs, _ = sft_shards
     cfg = make_cfg(root)
-    windows = sum(len(data_sft.window_starts(len(s) // 8, BLOCK // 8, BLOCK // 16))
-                  for s, _ in pairs)
+    windows = sum(
+        len(data_sft.window_starts(len(s) // 8, BLOCK // 8, BLOCK // 16)) for s, _ in pairs
+    )
     assert data_sft.examples_per_epoch(cfg) == 2 * windows  # + one crop per window
     assert train.total_steps(cfg) == math.ceil(2 * 2 * windows / 8)  # 2 epochs, batch 8
     batch = next(data.make_train_iterator(cfg, process_index=0, process_count=1))
-    enc, tgt, dec, mask = (batch[k] for k in ("encoder_ids", "targets", "decoder_input_ids",
-                                              "loss_mask"))
+    enc, tgt, dec, mask = (
+        batch[k] for k in ("encoder_ids", "targets", "decoder_input_ids", "loss_mask")
+    )
     np.testing.assert_array_equal(enc[:, ::8], tgt[:, ::8])  # same pitches, same order
     np.testing.assert_array_equal(dec[:, 0], tok.BOS)
     np.testing.assert_array_equal(dec[:, 1:], tgt[:, :-1])
@@ -114,8 +139,7 @@ def test_validation_is_one_padded_pass_split_over_hosts(sft_shards):
     expected = sum(len(data_sft.window_starts(len(s) // 8, 16, 8)) for s, _ in val)
     seen, batches = 0, []
     for host in range(2):
-        got = list(data.make_train_iterator(cfg, process_index=host, process_count=2,
-                                            split="eval"))
+        got = list(data.make_train_iterator(cfg, process_index=host, process_count=2, split="eval"))
         batches.append(len(got))
         seen += sum(int((b["loss_mask"].sum(1) > 0).sum()) for b in got)
     assert seen == expected and batches[0] == batches[1]
@@ -128,10 +152,15 @@ def test_not_sft_shards_is_a_clear_error(tmp_path):
     d.mkdir()
     w = ArrayRecordWriter(str(d / records.shard_filename(0, 1)), records.ARRAY_RECORD_OPTIONS)
     ids = random_piece(np.random.default_rng(0), 20)
-    w.write(records.encode_record(ids, source="x.mid", corpus="c", kind="performance",
-                                  n_notes=20, content_hash="0" * 64))
+    w.write(
+        records.encode_record(
+            ids, source="x.mid", corpus="c", kind="performance", n_notes=20, content_hash="0" * 64
+        )
+    )
     w.close()
-    cfg = load_config("configs/sft.yaml", ["model=tiny", f"data.sources=[{{name: p, path: '{d}'}}]"])
+    cfg = load_config(
+        "configs/sft.yaml", ["model=tiny", f"data.sources=[{{name: p, path: '{d}'}}]"]
+    )
     with pytest.raises(ValueError, match="not an SFT shard"):
         data_sft.examples_per_epoch(cfg)
 
@@ -142,8 +171,9 @@ def test_sft_run_from_pretrained_params_epochs_and_validation(sft_shards, tmp_pa
     pre = tmp_path / "pre"
     one = "mesh.shape=[1,1,1]"  # meshes are covered by test_train; keep this run short
     dev = jax.devices()[:1]
-    train.run(make_cfg(root, pre, one, "train.steps=3", "train.epochs=null"), progress=False,
-              devices=dev)
+    train.run(
+        make_cfg(root, pre, one, "train.steps=3", "train.epochs=null"), progress=False, devices=dev
+    )
     out = tmp_path / "sft"
     cfg = make_cfg(root, out, one, f"train.init_from={pre}", "train.lr=3e-3", "train.epochs=5")
     steps = train.total_steps(cfg)

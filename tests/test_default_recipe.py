@@ -1,5 +1,5 @@
 """The default-model recipe: launch/train_default.sh (syntax, dry run, the configs it builds),
-data_prep.pretrain_files (validation pieces left out), data_prep.model_card (fields from
+data_prep.pretrain_files (validation pieces left out), pianist_jax.artifacts.model_card (fields from
 synthetic inputs) and the bundled example score.
 
 The recipe itself is run end to end only by hand (`launch/train_default.sh --smoke`, a few
@@ -21,15 +21,24 @@ import numpy as np
 import pytest
 import yaml
 
-from data_prep import model_card, pretrain_files
+from data_prep import pretrain_files
+from pianist_jax.artifacts import model_card
 from pianist_jax.config import config_from_cli, load_config
 from tests.midi_fixtures import note_track, save
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "train_default.sh"
 EXAMPLE = REPO / "pianist_jax" / "assets" / "examples" / "little_waltz.mid"
-STAGES = ["data-sft", "pretrain-files", "tokenize", "pretrain", "sft", "export", "eval-set",
-          "decoding"]
+STAGES = [
+    "data-sft",
+    "pretrain-files",
+    "tokenize",
+    "pretrain",
+    "sft",
+    "export",
+    "eval-set",
+    "decoding",
+]
 MAX_BYTES = 30_000_000
 
 
@@ -37,8 +46,14 @@ MAX_BYTES = 30_000_000
 
 
 def dry_run(*args, check=True):
-    result = subprocess.run(["bash", str(SCRIPT), "--dry-run", *args], capture_output=True,
-                            text=True, timeout=60, check=False, cwd="/")
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -69,8 +84,12 @@ def test_dry_run_prints_the_stages_in_order(tmp_path):
     assert [s for s, _ in stages] == STAGES + seeds + ["evaluate-deadpan", "card", "install"]
     assert not work.exists(), "--dry-run must not write anything"
     smoke = stages_of(dry_run("--smoke", "--work-dir", str(work)).stdout)
-    assert [s for s, _ in smoke] == STAGES + ["render-seed0", "evaluate-seed0",
-                                              "evaluate-deadpan", "card"]
+    assert [s for s, _ in smoke] == STAGES + [
+        "render-seed0",
+        "evaluate-seed0",
+        "evaluate-deadpan",
+        "card",
+    ]
     cmds = dict(smoke)
     assert cmds["data-sft"][cmds["data-sft"].index("--limit") + 1] == "26"
     assert "--limit" in cmds["pretrain-files"]
@@ -99,14 +118,24 @@ def _train_configs(stages):
     for name in ("pretrain", "sft"):
         argv = dict(stages)[name]
         i = argv.index("--config")
-        cfgs[name] = config_from_cli([argv[i + 1], *[a for a in argv[i + 2:] if "=" in a]])
+        cfgs[name] = config_from_cli([argv[i + 1], *[a for a in argv[i + 2 :] if "=" in a]])
     return cfgs
 
 
 def test_dry_run_train_commands_build_valid_configs(tmp_path):
     work = tmp_path / "w"
-    stages = stages_of(dry_run("--work-dir", str(work), "--seed", "3", "--sft-steps", "40",
-                               "--pretrain-set", "train.lr=2e-3").stdout)
+    stages = stages_of(
+        dry_run(
+            "--work-dir",
+            str(work),
+            "--seed",
+            "3",
+            "--sft-steps",
+            "40",
+            "--pretrain-set",
+            "train.lr=2e-3",
+        ).stdout
+    )
     cfgs = _train_configs(stages)
     pre, sft = cfgs["pretrain"], cfgs["sft"]
     assert pre.model == sft.model == load_config("configs/default/model.yaml").model
@@ -130,7 +159,7 @@ def test_dry_run_train_commands_build_valid_configs(tmp_path):
 
 
 def test_default_model_fits_the_size_limit():
-    from pianist_jax import export
+    from pianist_jax.artifacts import export
 
     cfg = load_config("configs/default/model.yaml").model
     n = sum(math.prod(s) for s in export.param_shapes(cfg).values())
@@ -157,17 +186,27 @@ def fake_asap(tmp_path):
     an extra corpus with a jittered copy of the validation score and an unrelated piece."""
     asap = tmp_path / "asap"
     rows = []
-    for folder, seed, perfs in (("A/P1", 1, ["X01", "Y02"]), ("B/P2", 2, ["Z03"]),
-                                ("C/P3", 3, ["W04"])):
+    for folder, seed, perfs in (
+        ("A/P1", 1, ["X01", "Y02"]),
+        ("B/P2", 2, ["Z03"]),
+        ("C/P3", 3, ["W04"]),
+    ):
         (asap / folder).mkdir(parents=True)
         _melody(asap / folder / "midi_score.mid", seed)
         for perf in perfs:
             _melody(asap / folder / f"{perf}.mid", seed, jitter=5)
-            rows.append({"composer": folder[0], "title": folder, "folder": folder,
-                         "midi_score": f"{folder}/midi_score.mid",
-                         "midi_performance": f"{folder}/{perf}.mid",
-                         "performance_annotations": "", "midi_score_annotations": "",
-                         "match_file": ""})
+            rows.append(
+                {
+                    "composer": folder[0],
+                    "title": folder,
+                    "folder": folder,
+                    "midi_score": f"{folder}/midi_score.mid",
+                    "midi_performance": f"{folder}/{perf}.mid",
+                    "performance_annotations": "",
+                    "midi_score_annotations": "",
+                    "match_file": "",
+                }
+            )
     with open(asap / "metadata.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -185,16 +224,38 @@ def fake_asap(tmp_path):
 def test_pretrain_files_leave_out_validation_pieces(fake_asap, tmp_path):
     asap, split, extra = fake_asap
     out = tmp_path / "lists"
-    assert pretrain_files.main(["--split", str(split), "--asap", str(asap),
-                                "--corpus", f"extra={extra}", "--out-dir", str(out)]) == 0
-    listed = {name: [line for line in (out / f"{name}.txt").read_text().splitlines()
-                     if not line.startswith("#")] for name in ("asap", "extra")}
+    assert (
+        pretrain_files.main(
+            [
+                "--split",
+                str(split),
+                "--asap",
+                str(asap),
+                "--corpus",
+                f"extra={extra}",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    listed = {
+        name: [
+            line
+            for line in (out / f"{name}.txt").read_text().splitlines()
+            if not line.startswith("#")
+        ]
+        for name in ("asap", "extra")
+    }
     assert listed["asap"] == [str(asap / "A/P1/X01.mid"), str(asap / "A/P1/Y02.mid")]
     assert listed["extra"] == [str(extra / "copy_of_train.mid"), str(extra / "sub/unrelated.mid")]
     excluded = [json.loads(line) for line in (out / "excluded.jsonl").read_text().splitlines()]
     reasons = {Path(e["path"]).name: e["reason"] for e in excluded}
-    assert reasons == {"Z03.mid": "validation piece", "W04.mid": "not in split",
-                       "copy_of_val.mid": "overlaps validation"}
+    assert reasons == {
+        "Z03.mid": "validation piece",
+        "W04.mid": "not in split",
+        "copy_of_val.mid": "overlaps validation",
+    }
     hit = next(e for e in excluded if e["reason"] == "overlaps validation")
     assert hit["matches"] == "B/P2" and hit["overlap"] > 0.9
     summary = json.loads((out / "summary.json").read_text())
@@ -204,14 +265,19 @@ def test_pretrain_files_leave_out_validation_pieces(fake_asap, tmp_path):
 
     srcs = collect_sources([], [f"{out}/asap.txt:asap", f"{out}/extra.txt:extra"])
     assert sorted(Path(s.path).name for s in srcs) == [
-        "X01.mid", "Y02.mid", "copy_of_train.mid", "unrelated.mid"]
+        "X01.mid",
+        "Y02.mid",
+        "copy_of_train.mid",
+        "unrelated.mid",
+    ]
     assert {s.kind for s in srcs} == {"performance"}
 
 
 def test_pretrain_files_options(fake_asap, tmp_path):
     asap, split, extra = fake_asap
     lists, _, summary = pretrain_files.build_lists(
-        split, asap, {"extra": extra}, limit=1, check_overlap=False, include_scores=True)
+        split, asap, {"extra": extra}, limit=1, check_overlap=False, include_scores=True
+    )
     assert [p.name for p in lists["asap"]] == ["X01.mid"] and len(lists["extra"]) == 1
     assert not summary["overlap"]["checked"]
     full, _, _ = pretrain_files.build_lists(split, asap, {}, include_scores=True)
@@ -244,10 +310,14 @@ def test_pretrain_files_catch_giantmidi_copies_of_validation_pieces(shared_data)
 
 
 def _prediction(js):
-    dims = {d: {"js": js + i / 100, "intersection": 1 - js} for i, d in
-            enumerate(("velocity", "duration", "ioi", "pedal"))}
-    dims["overall"] = {"js": float(np.mean([v["js"] for v in dims.values()])),
-                       "intersection": 1 - js}
+    dims = {
+        d: {"js": js + i / 100, "intersection": 1 - js}
+        for i, d in enumerate(("velocity", "duration", "ioi", "pedal"))
+    }
+    dims["overall"] = {
+        "js": float(np.mean([v["js"] for v in dims.values()])),
+        "intersection": 1 - js,
+    }
     return dims
 
 
@@ -257,45 +327,104 @@ def _synthetic_work(work: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
 
-    put("sft_data/summary.json", {"performances": 10, "aligned": 9, "quarantined": 1,
-                                  "records": {"train": 20, "val": 3}, "tokens": 5000})
-    put("sft_data/split.json", {"seed": 0, "val_fraction": 0.05, "unit": "composer/title",
-                                "val_pieces": ["B/P2"], "train_pieces": ["A/P1", "C/P3"]})
-    put("pretrain_files/summary.json", {"files": {"asap": 2, "pop909": 5},
-                                        "excluded": {"asap": {"validation piece": 1}},
-                                        "overlap": {"threshold": 0.3}, "limit": None})
-    put("shards/pretrain/manifest.json", {
-        "num_shards": 8, "totals": {"files": 7, "notes": 700, "tokens": 5600},
-        "corpora": {"asap": {"files": 2, "notes": 200, "tokens": 1600},
-                    "pop909": {"files": 5, "notes": 500, "tokens": 4000}}})
+    put(
+        "sft_data/summary.json",
+        {
+            "performances": 10,
+            "aligned": 9,
+            "quarantined": 1,
+            "records": {"train": 20, "val": 3},
+            "tokens": 5000,
+        },
+    )
+    put(
+        "sft_data/split.json",
+        {
+            "seed": 0,
+            "val_fraction": 0.05,
+            "unit": "composer/title",
+            "val_pieces": ["B/P2"],
+            "train_pieces": ["A/P1", "C/P3"],
+        },
+    )
+    put(
+        "pretrain_files/summary.json",
+        {
+            "files": {"asap": 2, "pop909": 5},
+            "excluded": {"asap": {"validation piece": 1}},
+            "overlap": {"threshold": 0.3},
+            "limit": None,
+        },
+    )
+    put(
+        "shards/pretrain/manifest.json",
+        {
+            "num_shards": 8,
+            "totals": {"files": 7, "notes": 700, "tokens": 5600},
+            "corpora": {
+                "asap": {"files": 2, "notes": 200, "tokens": 1600},
+                "pop909": {"files": 5, "notes": 500, "tokens": 4000},
+            },
+        },
+    )
     for name, steps, batch, block in (("pretrain", 10, 8, 1024), ("sft", 5, 4, 4096)):
-        put(f"runs/{name}/config.yaml", yaml.safe_dump({
-            "name": f"default-{name}", "data": {"kind": name, "block_size": block,
-                                                "sources": [{"path": "x"}]},
-            "train": {"steps": steps, "batch_size": batch, "lr": 1e-3, "seed": 0}}))
+        put(
+            f"runs/{name}/config.yaml",
+            yaml.safe_dump(
+                {
+                    "name": f"default-{name}",
+                    "data": {"kind": name, "block_size": block, "sources": [{"path": "x"}]},
+                    "train": {"steps": steps, "batch_size": batch, "lr": 1e-3, "seed": 0},
+                }
+            ),
+        )
         lines = [{"step": s, "split": "train", "loss": 5.0 - s / 10} for s in range(1, steps + 1)]
         lines.append({"step": steps, "split": "eval", "loss": 4.0, "accuracy": 0.25})
         put(f"runs/{name}/metrics.jsonl", "".join(json.dumps(m) + "\n" for m in lines))
-    put("export/model.yaml", yaml.safe_dump({"hidden": 128, "encoder_layers": 4,
-                                             "decoder_layers": 2}))
-    put("export/export.json", {"format": "pianist-jax-export/1", "num_params": 2972800,
-                               "dtype": "float32", "tokenizer_version": "t/1",
-                               "source": {"step": 5}})
+    put(
+        "export/model.yaml",
+        yaml.safe_dump({"hidden": 128, "encoder_layers": 4, "decoder_layers": 2}),
+    )
+    put(
+        "export/export.json",
+        {
+            "format": "pianist-jax-export/1",
+            "num_params": 2972800,
+            "dtype": "float32",
+            "tokenizer_version": "t/1",
+            "source": {"step": 5},
+        },
+    )
     put("export/model.safetensors", "x" * 1000)
     common = {"pieces": ["B_P2"], "n_pieces": 1, "n_human_performances": 3}
+
     def figures(v):
-        return {k: v for k in ("velocity_r", "tempo_r", "articulation_r", "pedal_agreement",
-                               "pedal_down")}
+        return {
+            k: v
+            for k in ("velocity_r", "tempo_r", "articulation_r", "pedal_agreement", "pedal_down")
+        }
 
     for seed, js in ((0, 0.20), (1, 0.22), (2, 0.24)):
-        notes = {"prediction": figures(js), "deadpan": figures(0.05),
-                 "human_ceiling": figures(0.8), "human_pedal_down": 0.4, "n_pieces": 1,
-                 "n_ceiling_pieces": 1}
-        put(f"eval/metrics/seed{seed}/metrics.json",
-            {**common, "prediction": _prediction(js), "notes": notes})
-    put("eval/metrics/deadpan/metrics.json", {
-        **common, "prediction": _prediction(0.5),
-        "human_baseline": {"scores": _prediction(0.1), "n_pieces": 1}})
+        notes = {
+            "prediction": figures(js),
+            "deadpan": figures(0.05),
+            "human_ceiling": figures(0.8),
+            "human_pedal_down": 0.4,
+            "n_pieces": 1,
+            "n_ceiling_pieces": 1,
+        }
+        put(
+            f"eval/metrics/seed{seed}/metrics.json",
+            {**common, "prediction": _prediction(js), "notes": notes},
+        )
+    put(
+        "eval/metrics/deadpan/metrics.json",
+        {
+            **common,
+            "prediction": _prediction(0.5),
+            "human_baseline": {"scores": _prediction(0.1), "n_pieces": 1},
+        },
+    )
     for stage, secs in (("data-sft", 400.0), ("pretrain", 1800.0), ("sft", 1200.0)):
         model_card.record_time(work / "times.json", stage, secs)
 
@@ -303,8 +432,9 @@ def _synthetic_work(work: Path):
 def test_model_card_fields(tmp_path):
     work = tmp_path / "work"
     _synthetic_work(work)
-    card = model_card.write_card(work, work / "export", [0, 1, 2], command="launch/x --smoke",
-                                 smoke=True)
+    card = model_card.write_card(
+        work, work / "export", [0, 1, 2], command="launch/x --smoke", smoke=True
+    )
     assert json.loads((work / "export" / "card.json").read_text()) == card
     tr = card["training"]
     assert tr["pretrain"]["tokens_seen"] == 10 * 8 * 1024
@@ -332,9 +462,20 @@ def test_model_card_fields(tmp_path):
     assert card["smoke"] and card["command"] == "launch/x --smoke" and card["date"]
     assert set(card["git"]) == {"commit", "dirty"}
     md = (work / "export" / "MODEL_CARD.md").read_text()
-    for text in ("Smoke run", "| deadpan score |", "| this model |", "| human vs human |",
-                 "| seed 2 |", "| pretrain | 10 | 8 x 1024 | 81,920 |", "0:56:40", "met",
-                 "B/P2", "| pop909 | 5 |", "| velocity r |", "| human vs other humans | 0.800"):
+    for text in (
+        "Smoke run",
+        "| deadpan score |",
+        "| this model |",
+        "| human vs human |",
+        "| seed 2 |",
+        "| pretrain | 10 | 8 x 1024 | 81,920 |",
+        "0:56:40",
+        "met",
+        "B/P2",
+        "| pop909 | 5 |",
+        "| velocity r |",
+        "| human vs other humans | 0.800",
+    ):
         assert text in md, text
 
 
@@ -382,8 +523,12 @@ def test_example_score():
 
 def test_example_score_is_reproducible(tmp_path):
     script = EXAMPLE.with_name("make_example.py")
-    subprocess.run([sys.executable, str(script), str(tmp_path / "x.mid")], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "x.mid")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     assert (tmp_path / "x.mid").read_bytes() == EXAMPLE.read_bytes()
 
 
@@ -395,7 +540,8 @@ DEFAULT_MODEL = REPO / "pianist_jax" / "assets" / "default"
 def check_renders_example(model_dir, out_path):
     """Render the example score with `model_dir` (None: the bundled default) and check that the
     output has exactly the score's notes and some expression."""
-    from pianist_jax import midi, render
+    from pianist_jax import midi
+    from pianist_jax.render import renderer as render
 
     argv = [str(EXAMPLE), "-o", str(out_path), "--no-progress"]
     assert render.main(argv + (["--model", str(model_dir)] if model_dir else [])) == 0
@@ -408,10 +554,12 @@ def check_renders_example(model_dir, out_path):
 
 
 @pytest.mark.slow  # ~25 s on 2 cores: compiling the renderer's window function dominates
-@pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(),
-                    reason="no bundled model in pianist_jax/assets/default yet")
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL / "model.safetensors").is_file(),
+    reason="no bundled model in pianist_jax/assets/default yet",
+)
 def test_bundled_model_renders_the_example(tmp_path):
-    from pianist_jax import export
+    from pianist_jax.artifacts import export
 
     size = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file())
     assert size <= MAX_BYTES
@@ -424,22 +572,94 @@ def test_bundled_model_renders_the_example(tmp_path):
     assert card["evaluation"]["model"]["overall"]["js"]["mean"] <= 0.30  # issue 5 target
 
 
-@pytest.mark.slow  # ~10 s: builds a wheel (offline, no build isolation)
-def test_wheel_ships_the_assets(tmp_path):
-    """`pip install` of a wheel gets the example score and, once bundled, the default model."""
+@pytest.mark.slow  # ~40 s: builds a wheel (offline, no build isolation), renders from it
+def test_wheel_renders_and_resolves_configs_outside_the_repository(tmp_path):
+    """A wheel in a fresh virtual environment (its dependencies borrowed from this one, not
+    the checkout) renders the example with the bundled model and resolves the shipped configs
+    and presets by name, run from a directory outside the repository."""
+    import site
+    import sysconfig
     import zipfile
 
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps",
-                          "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
-                         capture_output=True, text=True, timeout=300, check=False,
-                         cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
+    def run(cmd, **kw):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, **kw)
+        assert res.returncode == 0, " ".join(map(str, cmd)) + "\n" + res.stdout + res.stderr
+        return res
+
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("pianist_jax-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "pianist_jax/assets/examples/little_waltz.mid" in names
-    bundled = {f"pianist_jax/assets/default/{p.name}" for p in DEFAULT_MODEL.glob("*")
-               if p.is_file()}
+    assert "pianist_jax/configs/pretrain.yaml" in names
+    assert "pianist_jax/configs/model/tiny.yaml" in names
+    bundled = {
+        f"pianist_jax/assets/default/{p.name}" for p in DEFAULT_MODEL.glob("*") if p.is_file()
+    }
     assert bundled <= names, sorted(bundled - names)
+
+    env_dir = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)])
+    python = env_dir / "bin" / "python"
+    purelib = Path(
+        run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+        ).stdout.strip()
+    )
+    # this environment's packages, but not its editable pianist_jax (a path line in a .pth
+    # file does not run the .pth files of the directory it adds)
+    ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    (purelib / "borrowed.pth").write_text("\n".join(sorted(ours)) + "\n")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(purelib)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = run(
+        [str(python), "-c", "import pianist_jax; print(pianist_jax.__file__)"], cwd=elsewhere
+    ).stdout.strip()
+    assert Path(where).is_relative_to(purelib), where
+    example = purelib / "pianist_jax" / "assets" / "examples" / "little_waltz.mid"
+    run(
+        [
+            str(python),
+            "-m",
+            "pianist_jax.render",
+            str(example),
+            "-o",
+            "x.mid",
+            "--no-progress",
+            "--compilation-cache",
+            "",
+        ],
+        cwd=elsewhere,
+    )
+    assert (elsewhere / "x.mid").stat().st_size > 0
+    shown = run(
+        [
+            str(python),
+            "-m",
+            "pianist_jax.train",
+            "--config",
+            "pretrain",
+            "--print-config",
+            "model=tiny",
+        ],
+        cwd=elsewhere,
+    ).stdout
+    assert "hidden: 64" in shown  # the tiny preset, found by name
 
 
 # --------------------------------------------------------------------------- the stage runner
@@ -449,7 +669,7 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 # recorded in $CALLS and fakes its outputs. FAIL=<module> fails it, PREEMPT=1 fakes a trainer
 # stopped by a signal (exit 0, "(preempted)" in its log).
 case "$1" in -c | -) exec "$REAL_PY" "$@" ;; esac
-[[ "$2" == data_prep.model_card ]] && exec "$REAL_PY" "$@"
+[[ "$2" == pianist_jax.artifacts.model_card ]] && exec "$REAL_PY" "$@"
 module="$2"; shift 2
 echo "$module $*" >> "$CALLS"
 prev=""
@@ -490,11 +710,21 @@ def fake_run(tmp_path):
     def run(*args, env=None, check=True):
         calls.unlink(missing_ok=True)
         res = subprocess.run(
-            ["bash", str(SCRIPT), "--work-dir", str(work), *args], capture_output=True, text=True,
-            timeout=120, check=False,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DATA": str(data),
-                 "PYTHON": str(fake), "REAL_PY": sys.executable, "CALLS": str(calls),
-                 **(env or {})})
+            ["bash", str(SCRIPT), "--work-dir", str(work), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "HOME": str(tmp_path),
+                "DATA": str(data),
+                "PYTHON": str(fake),
+                "REAL_PY": sys.executable,
+                "CALLS": str(calls),
+                **(env or {}),
+            },
+        )
         if check:
             assert res.returncode == 0, res.stdout + res.stderr
         lines = calls.read_text().splitlines() if calls.exists() else []
@@ -506,10 +736,19 @@ def fake_run(tmp_path):
 def test_stage_runner_skips_resumes_and_redoes(fake_run):
     run, work = fake_run
     _, modules, _ = run("--eval-seeds", "0")
-    assert modules == ["data_prep.build_sft", "data_prep.pretrain_files", "data_prep.tokenize",
-                       "pianist_jax.train", "pianist_jax.train", "pianist_jax.export",
-                       "data_prep.eval_set", "data_prep.choose_decoding", "pianist_jax.render",
-                       "pianist_jax.evaluate", "pianist_jax.evaluate"]
+    assert modules == [
+        "data_prep.build_sft",
+        "data_prep.pretrain_files",
+        "data_prep.tokenize",
+        "pianist_jax.train",
+        "pianist_jax.train",
+        "pianist_jax.export",
+        "pianist_jax.evaluate.eval_set",
+        "pianist_jax.evaluate.choose_decoding",
+        "pianist_jax.render",
+        "pianist_jax.evaluate",
+        "pianist_jax.evaluate",
+    ]
     times = json.loads((work / "times.json").read_text())
     assert list(times["stages"])[:3] == ["data-sft", "pretrain-files", "tokenize"]
     assert all(e["status"] == "ran" for e in times["stages"].values())
@@ -519,7 +758,7 @@ def test_stage_runner_skips_resumes_and_redoes(fake_run):
     assert modules == [] and "skipped" in res.stdout
     # new fine-tuning steps: sft starts over (empty run dir) and everything after it is redone
     _, modules, lines = run("--eval-seeds", "0", "--sft-steps", "7", "--stop-after", "eval-set")
-    assert modules == ["pianist_jax.train", "pianist_jax.export", "data_prep.eval_set"]
+    assert modules == ["pianist_jax.train", "pianist_jax.export", "pianist_jax.evaluate.eval_set"]
     assert "train.steps=7" in lines[0]
     assert (work / "runs" / "sft" / "attempts").read_text() == "run\n"
     assert (work / "runs" / "pretrain" / "attempts").read_text() == "run\n"
@@ -527,8 +766,9 @@ def test_stage_runner_skips_resumes_and_redoes(fake_run):
 
 def test_stage_runner_failure_and_preemption(fake_run):
     run, work = fake_run
-    res, modules, _ = run("--stop-after", "pretrain", env={"FAIL": "pianist_jax.train"},
-                          check=False)
+    res, modules, _ = run(
+        "--stop-after", "pretrain", env={"FAIL": "pianist_jax.train"}, check=False
+    )
     assert res.returncode == 1 and modules[-1] == "pianist_jax.train"
     assert json.loads((work / "times.json").read_text())["stages"]["pretrain"]["status"] == "failed"
     # a signal-stopped trainer exits 0 but the stage is not done ...
@@ -562,14 +802,21 @@ def test_stage_runner_no_pretrain_with_existing_sft_data(fake_run, tmp_path):
     (sft_data / "summary.json").write_text('{"records": {"train": 3, "val": 1}}')
     (sft_data / "val_pieces.txt").write_text("# asap_root\t/x\nA/midi_score.mid\tA/p.mid\n")
     res, modules, lines = run("--no-pretrain", "--sft-data", str(sft_data), "--eval-seeds", "0")
-    assert modules == ["pianist_jax.train", "pianist_jax.export", "data_prep.eval_set",
-                       "data_prep.choose_decoding", "pianist_jax.render", "pianist_jax.evaluate",
-                       "pianist_jax.evaluate"]
+    assert modules == [
+        "pianist_jax.train",
+        "pianist_jax.export",
+        "pianist_jax.evaluate.eval_set",
+        "pianist_jax.evaluate.choose_decoding",
+        "pianist_jax.render",
+        "pianist_jax.evaluate",
+        "pianist_jax.evaluate",
+    ]
     assert "train.init_from=null" in lines[0]
     assert (work / "sft_data").resolve() == sft_data.resolve()
     stages = json.loads((work / "times.json").read_text())["stages"]
-    assert [stages[k]["status"] for k in ("data-sft", "pretrain-files", "tokenize", "pretrain")] \
-        == ["skipped"] * 4
+    assert [
+        stages[k]["status"] for k in ("data-sft", "pretrain-files", "tokenize", "pretrain")
+    ] == ["skipped"] * 4
     # not a build_sft output: refused before anything runs
     res, modules, _ = run("--sft-data", str(tmp_path), check=False)
     assert res.returncode == 2 and modules == [] and "summary.json" in res.stderr

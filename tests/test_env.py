@@ -1,4 +1,5 @@
-"""The test environment itself: conftest must give jax 8 CPU devices, or sharding tests mean nothing."""
+"""The test environment itself: conftest must give jax 8 CPU devices, or sharding tests mean
+nothing."""
 
 import os
 

@@ -1,4 +1,5 @@
 """Objective evaluation (pianist_jax.evaluate): scores, features, pooling and the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,15 @@ import mido
 import numpy as np
 import pytest
 
-from pianist_jax import evaluate as ev
 from pianist_jax import midi
+from pianist_jax.evaluate import histograms as ev
 from tests.midi_fixtures import note_track, save
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- scores
+
 
 def test_identical_histograms_score_perfectly():
     h = np.array([3, 0, 5, 1, 0, 7])
@@ -50,8 +52,12 @@ def test_partial_overlap_matches_hand_computation():
 
 def test_compare_overall_is_mean_and_empty_side_is_nan():
     ref = {d: np.array([1, 1, 0, 0]) for d in ev.DIMENSIONS}
-    pred = {"velocity": np.array([1, 1, 0, 0]), "duration": np.array([0, 0, 1, 1]),
-            "ioi": np.array([1, 1, 0, 0]), "pedal": np.array([0, 0, 1, 1])}
+    pred = {
+        "velocity": np.array([1, 1, 0, 0]),
+        "duration": np.array([0, 0, 1, 1]),
+        "ioi": np.array([1, 1, 0, 0]),
+        "pedal": np.array([0, 0, 1, 1]),
+    }
     s = ev.compare(pred, ref)
     assert s["overall"]["js"] == pytest.approx(0.5, abs=1e-12)
     assert s["overall"]["intersection"] == pytest.approx(0.5, abs=1e-12)
@@ -61,8 +67,12 @@ def test_compare_overall_is_mean_and_empty_side_is_nan():
 
 
 def test_histograms_half_open_ranges_and_weights():
-    feats = {"velocity": np.array([0, 127, 127]), "duration": np.array([-1, 0, 1, 499, 500]),
-             "ioi": np.array([0, 199, 200, 4990]), "pedal": np.array([0, 15, 6])}
+    feats = {
+        "velocity": np.array([0, 127, 127]),
+        "duration": np.array([-1, 0, 1, 499, 500]),
+        "ioi": np.array([0, 199, 200, 4990]),
+        "pedal": np.array([0, 15, 6]),
+    }
     h = ev.histograms([feats, feats], weights=[1, 2])
     assert h["velocity"][0] == 3 and h["velocity"][127] == 6 and h["velocity"].sum() == 9
     assert len(h["duration"]) == 250 and h["duration"][0] == 6 and h["duration"][249] == 3
@@ -74,12 +84,14 @@ def test_histograms_half_open_ranges_and_weights():
 
 # ----------------------------------------------------------------------------- features
 
+
 def test_features_of_a_built_midi(tmp_path):
     # 500 ticks/beat at 120 BPM: 1 tick = 1 ms. (onset, offset, pitch, velocity)
     notes = [(100, 250, 60, 40), (300, 380, 64, 70), (300, 420, 67, 90), (450, 1050, 72, 110)]
     pedal = [(140, 127), (220, 0), (360, 100), (400, 50), (1000, 127), (2900, 0)]
     extra = [(0, mido.MetaMessage("set_tempo", tempo=500_000))] + [
-        (t, mido.Message("control_change", control=64, value=v)) for t, v in pedal]
+        (t, mido.Message("control_change", control=64, value=v)) for t, v in pedal
+    ]
     path = save(tmp_path / "x.mid", [note_track(notes, extra=extra)], ticks_per_beat=500)
     f = ev.features(path)
     assert f["velocity"].tolist() == [40, 70, 90, 110]
@@ -101,14 +113,20 @@ def test_human_piece_splits_at_the_last_dash():
 
 # ----------------------------------------------------------------------------- directories
 
+
 def _write(path: Path, seed: int, n: int = 40, vel_shift: int = 0) -> None:
     rng = np.random.default_rng(seed)
     onset = np.cumsum(rng.integers(0, 250, n))
     dur = rng.integers(20, 700, n)
     pedal_ms = np.arange(0, int(onset[-1]), 400)
-    notes = midi.Notes(onset=onset, offset=onset + dur, pitch=rng.integers(40, 90, n),
-                       velocity=np.clip(rng.integers(30, 100, n) + vel_shift, 1, 127),
-                       pedal_ms=pedal_ms, pedal_value=np.where(np.arange(len(pedal_ms)) % 2, 0, 127))
+    notes = midi.Notes(
+        onset=onset,
+        offset=onset + dur,
+        pitch=rng.integers(40, 90, n),
+        velocity=np.clip(rng.integers(30, 100, n) + vel_shift, 1, 127),
+        pedal_ms=pedal_ms,
+        pedal_value=np.where(np.arange(len(pedal_ms)) % 2, 0, 127),
+    )
     midi.write_midi(notes, path)
 
 
@@ -130,8 +148,13 @@ def dirs(tmp_path):
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pianist_jax.evaluate", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pianist_jax.evaluate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_cli_end_to_end(dirs, tmp_path):
@@ -153,15 +176,23 @@ def test_cli_end_to_end(dirs, tmp_path):
     # baseline: 3 leave-one-out rounds; human r mod n of each piece against the others
     b = m["human_baseline"]
     assert b["n_pieces"] == 2 and b["n_performances"] == 5 and len(b["rounds"]) == 3
-    sizes = [(sum(rd["histograms"]["candidate"]["velocity"]),
-              sum(rd["histograms"]["reference"]["velocity"])) for rd in b["rounds"]]
+    sizes = [
+        (
+            sum(rd["histograms"]["candidate"]["velocity"]),
+            sum(rd["histograms"]["reference"]["velocity"]),
+        )
+        for rd in b["rounds"]
+    ]
     assert sizes == [(40 + 50, 30 + 40 + 40), (30 + 40, 40 + 40 + 50), (40 + 50, 40 + 30 + 40)]
     h = {p.stem: ev.features(p) for p in human.iterdir()}
-    r0 = ev.compare(ev.histograms([h["Op-10-1"], h["etude-a"]]),
-                    ev.histograms([h["Op-10-2"], h["Op-10-3"], h["etude-b"]]))
+    r0 = ev.compare(
+        ev.histograms([h["Op-10-1"], h["etude-a"]]),
+        ev.histograms([h["Op-10-2"], h["Op-10-3"], h["etude-b"]]),
+    )
     assert b["rounds"][0]["scores"]["overall"]["js"] == pytest.approx(r0["overall"]["js"])
     assert b["scores"]["ioi"]["intersection"] == pytest.approx(
-        np.mean([rd["scores"]["ioi"]["intersection"] for rd in b["rounds"]]))
+        np.mean([rd["scores"]["ioi"]["intersection"] for rd in b["rounds"]])
+    )
     assert 0 < b["scores"]["overall"]["js"] < 1
     # the CLI's numbers are the API's
     pf = [ev.features(pred / "Op-10.mid"), ev.features(pred / "etude.midi")]

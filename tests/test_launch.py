@@ -24,13 +24,40 @@ SCRIPTS = sorted(LAUNCH.glob("*.sh"))
 TPU = LAUNCH / "tpu_pretrain.sh"
 GPU = LAUNCH / "gpu_pretrain.sh"
 # Settings the launchers read from the environment: cleared so the caller's shell cannot leak in.
-LAUNCH_ENV = ("TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "NUM_WORKERS",
-              "BUCKET", "OUT", "RUN", "SHARDS", "DATA", "CONFIG", "SPOT", "STAGES", "COORDINATOR",
-              "NUM_NODES", "NODE_RANK", "COORDINATOR_PORT")
-TPU_ARGS = ["--dry-run", "--name", "pianist", "--zone", "us-central2-b", "--project", "my-proj",
-            "--accelerator-type", "v4-32", "--bucket", "my-bucket"]
-JAX_PIN = re.search(r"^jax==(\S+)", (REPO / "requirements.txt").read_text(),
-                    re.MULTILINE).group(1)
+LAUNCH_ENV = (
+    "TPU_NAME",
+    "ZONE",
+    "PROJECT",
+    "ACCELERATOR_TYPE",
+    "RUNTIME_VERSION",
+    "NUM_WORKERS",
+    "BUCKET",
+    "OUT",
+    "RUN",
+    "SHARDS",
+    "DATA",
+    "CONFIG",
+    "SPOT",
+    "STAGES",
+    "COORDINATOR",
+    "NUM_NODES",
+    "NODE_RANK",
+    "COORDINATOR_PORT",
+)
+TPU_ARGS = [
+    "--dry-run",
+    "--name",
+    "pianist",
+    "--zone",
+    "us-central2-b",
+    "--project",
+    "my-proj",
+    "--accelerator-type",
+    "v4-32",
+    "--bucket",
+    "my-bucket",
+]
+JAX_PIN = re.search(r"^jax==(\S+)", (REPO / "requirements.txt").read_text(), re.MULTILINE).group(1)
 
 
 def test_launch_scripts_exist():
@@ -45,8 +72,9 @@ def test_bash_syntax(script):
 def test_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (CI: apt-get install shellcheck)")
-    result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        ["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -66,11 +94,18 @@ def fake_bin(tmp_path):
 
 def launch(script, args, fake_bin, env=None, check=True):
     bin_dir, calls = fake_bin
-    base = {k: v for k, v in os.environ.items()
-            if k not in LAUNCH_ENV and not k.startswith("SLURM")}
+    base = {
+        k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("SLURM")
+    }
     base["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
-    result = subprocess.run(["bash", str(script), *args], env={**base, **(env or {})},
-                            capture_output=True, text=True, timeout=30, check=False)
+    result = subprocess.run(
+        ["bash", str(script), *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert not calls.exists(), f"dry run called: {calls.read_text()}"
     if check:
         assert result.returncode == 0, result.stderr
@@ -85,7 +120,7 @@ def parse(stdout):
             notes.append(line[2:])
             continue
         assert line.startswith("+ "), line
-        head, sep, _ = line[2:].partition(' --command="$(cat <<\'REMOTE\'')
+        head, sep, _ = line[2:].partition(" --command=\"$(cat <<'REMOTE'")
         remote = None
         if sep:
             body = []
@@ -100,8 +135,11 @@ def parse(stdout):
 
 
 def ssh_commands(commands):
-    return [(argv, remote) for argv, remote in commands if argv[:5] == [
-        "gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
+    return [
+        (argv, remote)
+        for argv, remote in commands
+        if argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+    ]
 
 
 def worker_of(argv):
@@ -112,8 +150,13 @@ def train_argv(remote, home="/home/tpu"):
     """The python argv of the training command, expanded by bash as on a worker."""
     start = remote.index("python -m pianist_jax.train")
     script = 'python() { printf "%s\\n" "$@"; }\n' + remote[start:].split(" > ", 1)[0]
-    out = subprocess.run(["bash", "-c", script], env={"HOME": home, "PATH": os.environ["PATH"]},
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bash", "-c", script],
+        env={"HOME": home, "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return out.splitlines()
 
 
@@ -126,9 +169,20 @@ def test_tpu_dry_run_full_sequence_for_four_workers(fake_bin):
     assert "4 workers" in notes[0]
     where = ["--zone=us-central2-b", "--project=my-proj"]
     kinds = [argv[4] if argv[0] == "gcloud" else argv[0] for argv, _ in commands]
-    assert kinds == ["describe", "create", "git", "scp", "ssh",  # create or reuse, install
-                     "ssh", "ssh", "ssh", "ssh", "ssh",  # tokenize x 4 workers, merge
-                     "ssh", "delete"]  # train, teardown
+    assert kinds == [
+        "describe",
+        "create",
+        "git",
+        "scp",
+        "ssh",  # create or reuse, install
+        "ssh",
+        "ssh",
+        "ssh",
+        "ssh",
+        "ssh",  # tokenize x 4 workers, merge
+        "ssh",
+        "delete",
+    ]  # train, teardown
 
     # create or reuse: describe first, create with the slice's type and runtime
     describe, create = commands[0][0], commands[1][0]
@@ -167,18 +221,26 @@ def test_tpu_dry_run_full_sequence_for_four_workers(fake_bin):
     # training: the same command on all workers at once, checkpoints in the bucket
     train_ssh_argv, train = ssh[6]
     assert worker_of(train_ssh_argv) == "all"
-    assert 'gcsfuse --implicit-dirs' in train and ' my-bucket "$HOME/gcs"' in train
+    assert "gcsfuse --implicit-dirs" in train and ' my-bucket "$HOME/gcs"' in train
     assert 'gcloud storage rsync gs://my-bucket/shards/pretrain "$HOME/shards/pretrain"' in train
     argv = train_argv(train)
-    assert argv[:7] == ["-m", "pianist_jax.train", "--config", "configs/pretrain.yaml",
-                        "--distributed", "--no-progress",
-                        "train.output_dir=/home/tpu/gcs/runs/pretrain"]
+    assert argv[:7] == [
+        "-m",
+        "pianist_jax.train",
+        "--config",
+        "configs/pretrain.yaml",
+        "--distributed",
+        "--no-progress",
+        "train.output_dir=/home/tpu/gcs/runs/pretrain",
+    ]
     cfg = config_from_cli([str(REPO / "configs/pretrain.yaml"), *argv[6:]])
     assert cfg.train.output_dir == "/home/tpu/gcs/runs/pretrain"  # = gs://my-bucket/runs/pretrain
     assert [s.path for s in cfg.data.sources] == [
-        "/home/tpu/shards/pretrain/shard-0000[0-6]-of-00008.array_record"]
+        "/home/tpu/shards/pretrain/shard-0000[0-6]-of-00008.array_record"
+    ]
     assert [s.path for s in cfg.data.eval_sources] == [
-        "/home/tpu/shards/pretrain/shard-00007-of-00008.array_record"]
+        "/home/tpu/shards/pretrain/shard-00007-of-00008.array_record"
+    ]
     assert cfg.train.steps == 12345
     assert not any(a.startswith("mesh.") for a in argv)  # the config's mesh (pod configs differ)
     assert any("gs://my-bucket/runs/pretrain/checkpoints" in n for n in notes)
@@ -192,7 +254,7 @@ def test_tpu_dry_run_full_sequence_for_four_workers(fake_bin):
 
 def test_tpu_rerun_resumes_same_run_and_no_teardown_unless_asked(fake_bin, tmp_path):
     """Resume = the same command again: identical output dir, and the trainer picks the newest
-    committed checkpoint under it (pianist_jax.checkpoint.resolve_start via train._start)."""
+    committed checkpoint under it (pianist_jax.train.checkpoint.resolve_start via train._start)."""
     first = launch(TPU, TPU_ARGS, fake_bin).stdout
     assert first == launch(TPU, TPU_ARGS, fake_bin).stdout
     commands, _ = parse(first)
@@ -201,7 +263,7 @@ def test_tpu_rerun_resumes_same_run_and_no_teardown_unless_asked(fake_bin, tmp_p
     assert not any(a.startswith(("train.init_from", "--overwrite")) for a in argv)
     out_dir = Path(next(a for a in argv if a.startswith("train.output_dir=")).split("=", 1)[1])
 
-    from pianist_jax import checkpoint
+    from pianist_jax.train import checkpoint
 
     assert checkpoint.resolve_start(out_dir / checkpoint.RUN_SUBDIR, None).kind == "fresh"
     for step in (100, 200):
@@ -212,10 +274,17 @@ def test_tpu_rerun_resumes_same_run_and_no_teardown_unless_asked(fake_bin, tmp_p
     assert (plan.kind, plan.step) == ("resume", 200)
 
 
-@pytest.mark.parametrize("accel, workers, runtime", [
-    ("v4-8", 1, "tpu-ubuntu2204-base"), ("v4-32", 4, "tpu-ubuntu2204-base"),
-    ("v5litepod-8", 1, "v2-alpha-tpuv5-lite"), ("v5litepod-16", 4, "v2-alpha-tpuv5-lite"),
-    ("v5p-64", 8, "v2-alpha-tpuv5"), ("v6e-16", 4, "v2-alpha-tpuv6e")])
+@pytest.mark.parametrize(
+    "accel, workers, runtime",
+    [
+        ("v4-8", 1, "tpu-ubuntu2204-base"),
+        ("v4-32", 4, "tpu-ubuntu2204-base"),
+        ("v5litepod-8", 1, "v2-alpha-tpuv5-lite"),
+        ("v5litepod-16", 4, "v2-alpha-tpuv5-lite"),
+        ("v5p-64", 8, "v2-alpha-tpuv5"),
+        ("v6e-16", 4, "v2-alpha-tpuv6e"),
+    ],
+)
 def test_tpu_workers_and_runtime_from_accelerator_type(fake_bin, accel, workers, runtime):
     args = [*TPU_ARGS[:-4], "--accelerator-type", accel, "--bucket", "b"]
     commands, notes = parse(launch(TPU, args, fake_bin).stdout)
@@ -225,8 +294,17 @@ def test_tpu_workers_and_runtime_from_accelerator_type(fake_bin, accel, workers,
 
 
 def test_tpu_options(fake_bin):
-    args = [*TPU_ARGS, "--spot", "--detach", "--stages", "create,train", "--run", "r2",
-            "--shards", "gs://other/shards"]
+    args = [
+        *TPU_ARGS,
+        "--spot",
+        "--detach",
+        "--stages",
+        "create,train",
+        "--run",
+        "r2",
+        "--shards",
+        "gs://other/shards",
+    ]
     commands, _ = parse(launch(TPU, args, fake_bin).stdout)
     assert [argv[4] for argv, _ in commands] == ["describe", "create", "ssh"]
     assert "--spot" in commands[1][0]
@@ -236,12 +314,15 @@ def test_tpu_options(fake_bin):
     assert "train.output_dir=/home/tpu/gcs/runs/r2" in train_argv(train)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dry-run", "--name", "p", "--accelerator-type", "v4-8", "--bucket", "b"], "--zone"),
-    (["--dry-run", "--name", "p", "--zone", "z", "--accelerator-type", "v4-8"], "gs://BUCKET"),
-    ([*TPU_ARGS, "--stages", "train,bogus"], "--stages"),
-    ([*TPU_ARGS, "--detach", "--teardown"], "--detach"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dry-run", "--name", "p", "--accelerator-type", "v4-8", "--bucket", "b"], "--zone"),
+        (["--dry-run", "--name", "p", "--zone", "z", "--accelerator-type", "v4-8"], "gs://BUCKET"),
+        ([*TPU_ARGS, "--stages", "train,bogus"], "--stages"),
+        ([*TPU_ARGS, "--detach", "--teardown"], "--detach"),
+    ],
+)
 def test_tpu_rejects_bad_arguments(fake_bin, args, message):
     result = launch(TPU, args, fake_bin, check=False)
     assert result.returncode == 2 and message in result.stderr
@@ -254,11 +335,14 @@ def test_tpu_dry_run_output_is_runnable_bash(fake_bin, tmp_path):
     commands, _ = parse(stdout)
     record = tmp_path / "record"
     record.mkdir()
-    fake = ('gcloud() { n=$(ls "$REC" | wc -l); printf "%s\\0" "$@" > "$REC/$n"; }\n'
-            'git() { gcloud git "$@"; }\n')
+    fake = (
+        'gcloud() { n=$(ls "$REC" | wc -l); printf "%s\\0" "$@" > "$REC/$n"; }\n'
+        'git() { gcloud git "$@"; }\n'
+    )
     script = fake + "\n".join(line.removeprefix("+ ") for line in stdout.splitlines())
-    subprocess.run(["bash", "-c", script], env={"REC": str(record), "PATH": os.environ["PATH"]},
-                   check=True)
+    subprocess.run(
+        ["bash", "-c", script], env={"REC": str(record), "PATH": os.environ["PATH"]}, check=True
+    )
     replayed = [(record / str(i)).read_text().split("\0")[:-1] for i in range(len(commands))]
     expected = [argv[1:] if argv[0] == "gcloud" else ["git", *argv[1:]] for argv, _ in commands]
     for (argv, remote), got, want in zip(commands, replayed, expected, strict=True):
@@ -274,8 +358,9 @@ def test_tpu_help(fake_bin):
 
 
 def gpu_argv(fake_bin, env):
-    out = launch(GPU, ["--dry-run", "train.steps=7777"], fake_bin,
-                 env={"OUT": "/shared/run", **env})
+    out = launch(
+        GPU, ["--dry-run", "train.steps=7777"], fake_bin, env={"OUT": "/shared/run", **env}
+    )
     return shlex.split(out.stdout)
 
 
@@ -288,15 +373,27 @@ def test_gpu_single_node(fake_bin):
     assert cfg.data.sources[0].path == "out/shards/pretrain/shard-0000[0-6]-of-00008.array_record"
 
 
-SLURM = {"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "4", "SLURM_NNODES": "4",
-         "SLURM_PROCID": "2", "SLURM_JOB_NODELIST": "gpu[03-06]"}
+SLURM = {
+    "SLURM_JOB_ID": "42",
+    "SLURM_STEP_ID": "0",
+    "SLURM_NTASKS": "4",
+    "SLURM_NNODES": "4",
+    "SLURM_PROCID": "2",
+    "SLURM_JOB_NODELIST": "gpu[03-06]",
+}
 
 
 def test_gpu_slurm(fake_bin):
     if shutil.which("scontrol") is None:  # the node-list fallback parser
         argv = gpu_argv(fake_bin, SLURM)
-        assert argv[5:11] == ["--coordinator", "gpu03:12355", "--num-processes", "4",
-                              "--process-id", "2"]
+        assert argv[5:11] == [
+            "--coordinator",
+            "gpu03:12355",
+            "--num-processes",
+            "4",
+            "--process-id",
+            "2",
+        ]
     scontrol = fake_bin[0] / "scontrol"
     scontrol.write_text('#!/bin/sh\n[ "$3" = "gpu[03-06]" ] && printf "gpu03\\ngpu04\\n"\n')
     scontrol.chmod(0o755)
@@ -306,20 +403,28 @@ def test_gpu_slurm(fake_bin):
     batch = {k: v for k, v in SLURM.items() if k != "SLURM_STEP_ID"}
     assert "--coordinator" not in gpu_argv(fake_bin, batch)
     assert "--coordinator" not in gpu_argv(fake_bin, {**SLURM, "SLURM_NTASKS": "1"})
-    many = launch(GPU, ["--dry-run"], fake_bin, check=False,
-                  env={"OUT": "/o", **SLURM, "SLURM_NTASKS": "8"})
+    many = launch(
+        GPU, ["--dry-run"], fake_bin, check=False, env={"OUT": "/o", **SLURM, "SLURM_NTASKS": "8"}
+    )
     assert many.returncode == 2 and "one task per node" in many.stderr
 
 
 def test_gpu_explicit_coordinator_wins(fake_bin):
-    argv = gpu_argv(fake_bin, {**SLURM, "COORDINATOR": "head:1234", "NUM_NODES": "2",
-                               "NODE_RANK": "1"})
+    argv = gpu_argv(
+        fake_bin, {**SLURM, "COORDINATOR": "head:1234", "NUM_NODES": "2", "NODE_RANK": "1"}
+    )
     assert argv[5:11] == ["--coordinator", "head:1234", "--num-processes", "2", "--process-id", "1"]
 
 
-@pytest.mark.parametrize("state, first_calls", [
-    ("READY", ["describe"]), ("", ["describe", "create"]), ("STOPPED", ["describe", "start"]),
-    ("PREEMPTED", ["describe", "delete", "create"])])
+@pytest.mark.parametrize(
+    "state, first_calls",
+    [
+        ("READY", ["describe"]),
+        ("", ["describe", "create"]),
+        ("STOPPED", ["describe", "start"]),
+        ("PREEMPTED", ["describe", "delete", "create"]),
+    ],
+)
 def test_tpu_real_run_with_fake_gcloud(tmp_path, state, first_calls):
     """Without --dry-run (gcloud and git faked): create-or-reuse by state, the parallel
     per-worker tokenization, and a failing worker stopping the run before training."""
@@ -337,21 +442,26 @@ exit 0
     for tool in ("gcloud", "git"):
         (bin_dir / tool).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", STATE=state,
-               TMPDIR=str(tmp_path))
+    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", STATE=state, TMPDIR=str(tmp_path))
     args = [a for a in TPU_ARGS if a != "--dry-run"] + ["--teardown"]
     subprocess.run(["bash", str(TPU), *args], env=env, capture_output=True, check=True, timeout=30)
     log = calls.read_text().splitlines()
-    assert log[:len(first_calls)] == first_calls
-    rest = log[len(first_calls):]
+    assert log[: len(first_calls)] == first_calls
+    rest = log[len(first_calls) :]
     assert rest[:4] == ["git status", "git archive", "scp all", "ssh all"]
     assert sorted(rest[4:8]) == ["ssh 0", "ssh 1", "ssh 2", "ssh 3"]
     assert rest[8:] == ["ssh 0", "ssh all", "delete"]
 
     calls.unlink()
-    result = subprocess.run(["bash", str(TPU), *args], env={**env, "FAIL_WORKER": "2"},
-                            capture_output=True, text=True, timeout=30, check=False)
+    result = subprocess.run(
+        ["bash", str(TPU), *args],
+        env={**env, "FAIL_WORKER": "2"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert result.returncode == 2 and "tokenization failed" in result.stderr
     log = calls.read_text().splitlines()
     assert log.count("ssh all") == 1 and sorted(log[-4:]) == ["ssh 0", "ssh 1", "ssh 2", "ssh 3"]
-    assert "delete" not in log[len(first_calls):]  # no merge, training or teardown after it
+    assert "delete" not in log[len(first_calls) :]  # no merge, training or teardown after it

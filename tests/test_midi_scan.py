@@ -1,12 +1,15 @@
 """The fast scanner returns exactly what mido + midi_events.extract return, or declines."""
+
 import io
 
 import mido
 import numpy as np
 import pytest
-
-from pianist_jax import midi, midi_events, midi_scan
 from midi_fixtures import note_track, save
+
+from pianist_jax import midi
+from pianist_jax.midi import events as midi_events
+from pianist_jax.midi import scan as midi_scan
 
 
 def same_events(data: bytes) -> bool:
@@ -25,23 +28,28 @@ def same_events(data: bytes) -> bool:
 def rich_file(path):
     """Several tracks, running status (mido writes it), program changes, pitch bends,
     sysex, text metas, tempo changes at 0 and later, drums, a spurious note_off."""
-    meta = mido.MidiTrack([
-        mido.MetaMessage("track_name", name="conductor"),
-        mido.MetaMessage("set_tempo", tempo=400_000),
-        mido.MetaMessage("time_signature", numerator=3, denominator=8),
-        mido.MetaMessage("key_signature", key="Eb"),
-        mido.MetaMessage("set_tempo", tempo=650_000, time=700),
-        mido.MetaMessage("marker", text="B section", time=10)])
-    extra = [(0, mido.Message("sysex", data=[0x7E, 0x7F, 0x09, 0x01])),
-             (0, mido.Message("program_change", program=5)),
-             (30, mido.Message("pitchwheel", pitch=300)),
-             (40, mido.Message("control_change", control=7, value=90)),
-             (50, mido.Message("control_change", control=64, value=127)),
-             (600, mido.Message("program_change", program=1)),
-             (650, mido.Message("control_change", control=64, value=0)),
-             (660, mido.Message("note_off", note=99)),
-             (700, mido.Message("aftertouch", value=3)),
-             (710, mido.Message("polytouch", note=60, value=3))]
+    meta = mido.MidiTrack(
+        [
+            mido.MetaMessage("track_name", name="conductor"),
+            mido.MetaMessage("set_tempo", tempo=400_000),
+            mido.MetaMessage("time_signature", numerator=3, denominator=8),
+            mido.MetaMessage("key_signature", key="Eb"),
+            mido.MetaMessage("set_tempo", tempo=650_000, time=700),
+            mido.MetaMessage("marker", text="B section", time=10),
+        ]
+    )
+    extra = [
+        (0, mido.Message("sysex", data=[0x7E, 0x7F, 0x09, 0x01])),
+        (0, mido.Message("program_change", program=5)),
+        (30, mido.Message("pitchwheel", pitch=300)),
+        (40, mido.Message("control_change", control=7, value=90)),
+        (50, mido.Message("control_change", control=64, value=127)),
+        (600, mido.Message("program_change", program=1)),
+        (650, mido.Message("control_change", control=64, value=0)),
+        (660, mido.Message("note_off", note=99)),
+        (700, mido.Message("aftertouch", value=3)),
+        (710, mido.Message("polytouch", note=60, value=3)),
+    ]
     piano = note_track([(i * 100, i * 100 + 150, 48 + i, 30 + i) for i in range(12)], extra=extra)
     drums = note_track([(0, 50, 36, 100), (200, 250, 38, 90)], channel=9)
     return save(path, [meta, piano, drums, mido.MidiTrack()])
@@ -103,7 +111,7 @@ def test_mutated_files_give_notes_or_midi_error_never_a_crash(tmp_path):
             if mode == 0:
                 data[i] = int(rng.integers(0, 256))
             elif mode == 1:
-                del data[i:i + int(rng.integers(1, 8))]
+                del data[i : i + int(rng.integers(1, 8))]
             else:
                 data[i:i] = bytes(rng.integers(0, 256, 3).astype(np.uint8))
         with warnings.catch_warnings():

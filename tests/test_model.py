@@ -19,9 +19,14 @@ def random_notes(n, seed=0):
     onset = np.cumsum(rng.integers(0, 400, n))
     offset = onset + rng.integers(30, 1500, n)
     pedal_ms = np.sort(rng.integers(0, int(onset[-1]) + 1, 6))
-    return midi.Notes(onset=onset, offset=offset, pitch=rng.integers(21, 109, n),
-                      velocity=rng.integers(1, 128, n), pedal_ms=pedal_ms,
-                      pedal_value=rng.choice([0, 127], 6))
+    return midi.Notes(
+        onset=onset,
+        offset=offset,
+        pitch=rng.integers(21, 109, n),
+        velocity=rng.integers(1, 128, n),
+        pedal_ms=pedal_ms,
+        pedal_value=rng.choice([0, 127], 6),
+    )
 
 
 def tiny_cfg(**changes):
@@ -70,7 +75,7 @@ def model():
 @pytest.fixture(scope="module")
 def batch():
     enc = np.stack([real_ids(12, 1), real_ids(12, 2)])
-    enc[1, 9 * 8:] = tokenizer.PAD  # second example: 9 real notes + 3 padding notes
+    enc[1, 9 * 8 :] = tokenizer.PAD  # second example: 9 real notes + 3 padding notes
     dec = np.stack([real_ids(12, 3), real_ids(12, 4)])
     dec = np.concatenate([np.full((2, 1), tokenizer.BOS, np.int32), dec[:, :-1]], axis=1)
     return jnp.asarray(enc), jnp.asarray(dec)
@@ -91,8 +96,7 @@ def test_padding_notes_do_not_change_real_notes(model, batch):
     states, _ = model.encode(enc[1:, : 9 * 8])
     padded, _ = model.encode(enc[1:])
     np.testing.assert_allclose(padded[:, :9], states, atol=1e-5)
-    np.testing.assert_allclose(model(enc[1:, : 9 * 8], dec[1:]), model(enc[1:], dec[1:]),
-                               atol=1e-4)
+    np.testing.assert_allclose(model(enc[1:, : 9 * 8], dec[1:]), model(enc[1:], dec[1:]), atol=1e-4)
 
 
 def test_decoder_is_causal(model, batch):
@@ -155,8 +159,10 @@ def test_bfloat16_compute_close_to_float32():
 
 
 def test_config_sizes():
-    sizes = {name: load_config(None, [f"model=model/{name}.yaml"]).model
-             for name in ("tiny", "small", "base", "sym66")}
+    sizes = {
+        name: load_config(None, [f"model=model/{name}.yaml"]).model
+        for name in ("tiny", "small", "base", "sym66")
+    }
     counts = {name: param_count(cfg) for name, cfg in sizes.items()}
     assert counts["tiny"] < 2_000_000
     assert 10_000_000 <= counts["small"] <= 20_000_000
@@ -168,8 +174,9 @@ def test_config_sizes():
 def test_chunked_causal_attention_equals_one_block():
     """Query chunks that skip hidden keys (incl. a sliding window) change nothing."""
     base = perturbed_model(tiny_cfg(attn_chunk=None, sliding_window=24, decoder_layers=2))
-    chunked = PianistTransformer(tiny_cfg(attn_chunk=16, sliding_window=24, decoder_layers=2),
-                                 rngs=nnx.Rngs(0))
+    chunked = PianistTransformer(
+        tiny_cfg(attn_chunk=16, sliding_window=24, decoder_layers=2), rngs=nnx.Rngs(0)
+    )
     nnx.update(chunked, nnx.state(base.model, nnx.Param))
     enc = jnp.asarray(real_ids(12)[None])
     dec = jnp.asarray(real_ids(12, 7)[None])  # 96 tokens = 6 chunks; layer 0 slides

@@ -26,8 +26,10 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from pianist_jax import checkpoint, export, records
 from pianist_jax import tokenizer as tok
+from pianist_jax.artifacts import export
+from pianist_jax.data import records
+from pianist_jax.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
@@ -56,12 +58,20 @@ def write_shards(directory: Path, n_records: int = 24, num_shards: int = 2) -> N
     directory.mkdir(parents=True)
     pieces = [piece_ids(r, 3 + (r * 7) % 20) for r in range(n_records)]
     for s in range(num_shards):
-        writer = ArrayRecordWriter(str(directory / records.shard_filename(s, num_shards)),
-                                   records.ARRAY_RECORD_OPTIONS)
+        writer = ArrayRecordWriter(
+            str(directory / records.shard_filename(s, num_shards)), records.ARRAY_RECORD_OPTIONS
+        )
         for i in range(s, n_records, num_shards):
-            writer.write(records.encode_record(
-                pieces[i], source=f"piece{i}.mid", corpus="synthetic", kind="performance",
-                n_notes=len(pieces[i]) // tok.TOKENS_PER_NOTE, content_hash=f"{i:064x}"))
+            writer.write(
+                records.encode_record(
+                    pieces[i],
+                    source=f"piece{i}.mid",
+                    corpus="synthetic",
+                    kind="performance",
+                    n_notes=len(pieces[i]) // tok.TOKENS_PER_NOTE,
+                    content_hash=f"{i:064x}",
+                )
+            )
         writer.close()
 
 
@@ -83,8 +93,12 @@ def worker_env(cache_dir: Path) -> dict[str, str]:
     bit-exact comparisons are unaffected.
     """
     env = dict(os.environ)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S*|--xla_backend_optimization_level"
-                   r"=\S*", "", env.get("XLA_FLAGS", "")).split()
+    flags = re.sub(
+        r"--xla_force_host_platform_device_count=\S*|--xla_backend_optimization_level"
+        r"=\S*",
+        "",
+        env.get("XLA_FLAGS", ""),
+    ).split()
     env["XLA_FLAGS"] = " ".join([*flags, "--xla_backend_optimization_level=0"])
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
@@ -97,8 +111,9 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def launch(jobs: dict[str, list[list[str]]], logs: Path, timeout: float = TIMEOUT_S
-           ) -> dict[str, list[str]]:
+def launch(
+    jobs: dict[str, list[list[str]]], logs: Path, timeout: float = TIMEOUT_S
+) -> dict[str, list[str]]:
     """Start every worker of every job (job name -> one argument list per process) at once,
     wait for all; returns each job's per-process output.
 
@@ -114,9 +129,19 @@ def launch(jobs: dict[str, list[list[str]]], logs: Path, timeout: float = TIMEOU
             for i, args in enumerate(args_of):
                 out = logs / f"{name}.{i}.log"
                 with out.open("wb") as f:
-                    procs.append((f"{name} process {i}", out, subprocess.Popen(
-                        [sys.executable, str(WORKER), *args], cwd=REPO, env=env, stdout=f,
-                        stderr=subprocess.STDOUT)))
+                    procs.append(
+                        (
+                            f"{name} process {i}",
+                            out,
+                            subprocess.Popen(
+                                [sys.executable, str(WORKER), *args],
+                                cwd=REPO,
+                                env=env,
+                                stdout=f,
+                                stderr=subprocess.STDOUT,
+                            ),
+                        )
+                    )
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for _, _, p in procs):
             if time.monotonic() > deadline or any(p.poll() not in (None, 0) for _, _, p in procs):
@@ -130,20 +155,37 @@ def launch(jobs: dict[str, list[list[str]]], logs: Path, timeout: float = TIMEOU
             p.wait()
     codes = [p.returncode for _, _, p in procs]
     if any(codes):
-        report = "\n".join(f"--- {what} (exit {p.returncode}):\n{tail(out)}"
-                           for what, out, p in procs)
-        pytest.fail(f"worker exit codes {codes} (timeout {timeout:.0f} s; negative: killed)"
-                    f"\n{report}")
-    return {name: [out.read_text(errors="replace") for what, out, _ in procs
-                   if what.startswith(f"{name} ")] for name in jobs}
+        report = "\n".join(
+            f"--- {what} (exit {p.returncode}):\n{tail(out)}" for what, out, p in procs
+        )
+        pytest.fail(
+            f"worker exit codes {codes} (timeout {timeout:.0f} s; negative: killed)\n{report}"
+        )
+    return {
+        name: [
+            out.read_text(errors="replace") for what, out, _ in procs if what.startswith(f"{name} ")
+        ]
+        for name in jobs
+    }
 
 
 def train_args(run_dir: Path, steps: int, overrides: list[str]) -> list[list[str]]:
     coordinator = f"127.0.0.1:{free_port()}"
-    args = ["train", "--config", str(REPO / "configs/pretrain.yaml"), *overrides,
-            f"train.steps={steps}", f"train.output_dir={run_dir}", "--no-progress",
-            "--coordinator", coordinator, "--num-processes", str(NUM_PROCESSES),
-            "--cpu-collectives", "gloo"]
+    args = [
+        "train",
+        "--config",
+        str(REPO / "configs/pretrain.yaml"),
+        *overrides,
+        f"train.steps={steps}",
+        f"train.output_dir={run_dir}",
+        "--no-progress",
+        "--coordinator",
+        coordinator,
+        "--num-processes",
+        str(NUM_PROCESSES),
+        "--cpu-collectives",
+        "gloo",
+    ]
     return [[*args, "--process-id", str(i)] for i in range(NUM_PROCESSES)]
 
 
@@ -153,16 +195,26 @@ def gloo(tmp_path_factory) -> None:
     logs = tmp_path_factory.mktemp("probe") / "logs"
     coordinator = f"127.0.0.1:{free_port()}"
     try:
-        launch({"probe": [["probe", coordinator, str(NUM_PROCESSES), str(i)]
-                          for i in range(NUM_PROCESSES)]}, logs, timeout=90)
+        launch(
+            {
+                "probe": [
+                    ["probe", coordinator, str(NUM_PROCESSES), str(i)] for i in range(NUM_PROCESSES)
+                ]
+            },
+            logs,
+            timeout=90,
+        )
     except pytest.fail.Exception as err:
-        pytest.skip(f"installed jax cannot do CPU multi-process (jax.distributed on localhost "
-                    f"+ gloo process_allgather failed):\n{str(err)[-1500:]}")
+        pytest.skip(
+            f"installed jax cannot do CPU multi-process (jax.distributed on localhost "
+            f"+ gloo process_allgather failed):\n{str(err)[-1500:]}"
+        )
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if line]
+    return [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
+    ]
 
 
 def iterator_states(run_dir: Path, step: int) -> dict[str, dict]:
@@ -177,10 +229,18 @@ def test_two_process_train_checkpoint_resume(gloo, tmp_path):
     shards = tmp_path / "shards"
     write_shards(shards)
     overrides = [
-        "model=tiny", "data.block_size=64", "train.batch_size=4", "train.microbatches=1",
-        "train.warmup_steps=1", f"train.checkpoint_every={EVERY}", "train.keep_checkpoints=5",
-        "train.log_every=1", "train.eval_every=1000", "data.worker_count=0",
-        "mesh.shape=[1,-1,1]", f"data.sources=[{{name: syn, path: {shards}}}]",
+        "model=tiny",
+        "data.block_size=64",
+        "train.batch_size=4",
+        "train.microbatches=1",
+        "train.warmup_steps=1",
+        f"train.checkpoint_every={EVERY}",
+        "train.keep_checkpoints=5",
+        "train.log_every=1",
+        "train.eval_every=1000",
+        "data.worker_count=0",
+        "mesh.shape=[1,-1,1]",
+        f"data.sources=[{{name: syn, path: {shards}}}]",
         "data.eval_sources=[]",
     ]
     straight, resumed, logs = tmp_path / "straight", tmp_path / "resumed", tmp_path / "logs"
@@ -214,8 +274,9 @@ def test_two_process_train_checkpoint_resume(gloo, tmp_path):
 
     # each process saved its own Grain iterator position, the same as in the uninterrupted run
     states = iterator_states(straight, TOTAL)
-    assert sorted(states) == [f"process_{i}-of-{NUM_PROCESSES}.json"
-                              for i in range(NUM_PROCESSES)], states
+    assert sorted(states) == [
+        f"process_{i}-of-{NUM_PROCESSES}.json" for i in range(NUM_PROCESSES)
+    ], states
     assert iterator_states(resumed, TOTAL) == states
 
     # and the final parameters (read back from the 2-process checkpoints) are identical

@@ -1,4 +1,6 @@
-"""Note-level judge (pianist_jax.note_eval): known answers, pairing, and the evaluate CLI."""
+"""Note-level judge (pianist_jax.evaluate.note_level): known answers, pairing, and the
+evaluate CLI."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from pianist_jax import midi
-from pianist_jax import note_eval as ne
+from pianist_jax.evaluate import note_level as ne
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,10 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 def notes(onset, duration, pitch, velocity, pedal=()):
     onset = np.asarray(onset, np.int64)
     pedal = sorted(pedal)
-    return midi.Notes(onset, onset + np.asarray(duration, np.int64),
-                      np.asarray(pitch, np.int64), np.asarray(velocity, np.int64),
-                      np.array([t for t, _ in pedal], np.int64),
-                      np.array([v for _, v in pedal], np.int64))
+    return midi.Notes(
+        onset,
+        onset + np.asarray(duration, np.int64),
+        np.asarray(pitch, np.int64),
+        np.asarray(velocity, np.int64),
+        np.array([t for t, _ in pedal], np.int64),
+        np.array([v for _, v in pedal], np.int64),
+    )
 
 
 def score_and_human(n=400, seed=0):
@@ -39,7 +45,9 @@ def score_and_human(n=400, seed=0):
     h_on = h_beat_on[beat]
     vel = np.clip(64 + 30 * np.sin(np.arange(n) / 13.0) + rng.normal(0, 5, n), 1, 127)
     dur = (200 * np.exp(rng.normal(0, 0.4, n))).astype(np.int64)
-    pedal = [(max(int(h_beat_on[b]) - 1, 0), 127 if (b // 20) % 2 else 0) for b in range(0, n // 2, 10)]
+    pedal = [
+        (max(int(h_beat_on[b]) - 1, 0), 127 if (b // 20) % 2 else 0) for b in range(0, n // 2, 10)
+    ]
     human = notes(h_on, dur, pitch, vel.astype(np.int64), pedal)
     return score, human
 
@@ -56,8 +64,12 @@ def test_shuffled_velocities_lose_the_correlation():
     score, human = score_and_human(n=2000)
     ref = ne.note_features(score, human, np.arange(len(score)))
     perm = np.random.default_rng(1).permutation(len(score))
-    shuffled = ne.NoteFeatures(ref.velocity[perm], ref.articulation[perm], ref.pedal[perm],
-                               ref.tempo[np.random.default_rng(2).permutation(len(ref.tempo))])
+    shuffled = ne.NoteFeatures(
+        ref.velocity[perm],
+        ref.articulation[perm],
+        ref.pedal[perm],
+        ref.tempo[np.random.default_rng(2).permutation(len(ref.tempo))],
+    )
     out = ne.judge(shuffled, [ref])
     assert abs(out["velocity_r"]) < 0.1
     assert abs(out["articulation_r"]) < 0.1
@@ -99,11 +111,16 @@ def test_pair_rendering_by_pitch_occurrence():
     score, human = score_and_human(n=60)
     assert np.array_equal(ne.pair_rendering(score, human), np.arange(len(score)))
     # same notes, a different performed order of two chord tones: pairing follows pitch
-    flipped = notes(human.onset + np.where(np.arange(60) % 2, -5, 5) * (np.arange(60) < 2),
-                    human.duration, human.pitch, human.velocity)
+    flipped = notes(
+        human.onset + np.where(np.arange(60) % 2, -5, 5) * (np.arange(60) < 2),
+        human.duration,
+        human.pitch,
+        human.velocity,
+    )
     order = np.lexsort((flipped.pitch, flipped.onset))
-    reordered = notes(flipped.onset[order], flipped.duration[order], flipped.pitch[order],
-                      flipped.velocity[order])
+    reordered = notes(
+        flipped.onset[order], flipped.duration[order], flipped.pitch[order], flipped.velocity[order]
+    )
     idx = ne.pair_rendering(score, reordered)
     assert np.array_equal(reordered.pitch[idx], score.pitch)
     assert np.array_equal(reordered.velocity[idx], human.velocity)
@@ -132,9 +149,24 @@ def test_evaluate_cli_reports_the_note_level_judge(tmp_path):
     midi.write_midi(other, tmp_path / "human" / "piece-2.mid")
     midi.write_midi(human, tmp_path / "pred" / "piece.mid")  # a "rendering" = human 1
     out = subprocess.run(
-        [sys.executable, "-m", "pianist_jax.evaluate", "--pred", str(tmp_path / "pred"),
-         "--human", str(tmp_path / "human"), "--scores", str(tmp_path / "scores"),
-         "--out", str(tmp_path / "eval")], capture_output=True, text=True, cwd=REPO, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pianist_jax.evaluate",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--human",
+            str(tmp_path / "human"),
+            "--scores",
+            str(tmp_path / "scores"),
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert "note level" in out.stdout and "human vs other humans" in out.stdout
     notes_ = json.loads((tmp_path / "eval" / "metrics.json").read_text())["notes"]
@@ -155,6 +187,7 @@ def test_an_unreadable_human_leaves_the_others(tmp_path):
     assert len(piece.humans) == 1
     with pytest.raises(ValueError, match="none of its human"):
         ne.load_piece("p", tmp_path / "s.mid", [tmp_path / "h2.mid"])
-    out = ne.evaluate([("p", tmp_path / "h1.mid", tmp_path / "s.mid", [tmp_path / "h2.mid"])],
-                      log=lambda _: None)
+    out = ne.evaluate(
+        [("p", tmp_path / "h1.mid", tmp_path / "s.mid", [tmp_path / "h2.mid"])], log=lambda _: None
+    )
     assert out["n_pieces"] == 0 and "no piece" in ne.format_table(out, "x")

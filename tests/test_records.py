@@ -9,10 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pianist_jax import records
+from pianist_jax.data import records
 
-META = dict(source="Bach/Fugue/bwv_846/midi_score.mid", corpus="asap", kind="score",
-            n_notes=3, content_hash="ab" * 32, tokenizer_version="pt-unified-8/1")
+META = dict(
+    source="Bach/Fugue/bwv_846/midi_score.mid",
+    corpus="asap",
+    kind="score",
+    n_notes=3,
+    content_hash="ab" * 32,
+    tokenizer_version="pt-unified-8/1",
+)
 
 
 def test_round_trip():
@@ -21,7 +27,12 @@ def test_round_trip():
     assert rec.ids.dtype == np.dtype("<u2")
     np.testing.assert_array_equal(rec.ids, ids)
     assert (rec.source, rec.corpus, rec.kind, rec.n_notes, rec.content_hash) == (
-        META["source"], "asap", "score", 3, "ab" * 32)
+        META["source"],
+        "asap",
+        "score",
+        3,
+        "ab" * 32,
+    )
     assert rec.tokenizer_version == "pt-unified-8/1" and rec.n_tokens == 24
     assert not rec.ids.flags.writeable  # a view into the record bytes, not a copy
     assert dict(rec.extras) == {}
@@ -39,15 +50,20 @@ def test_bytes_are_deterministic_and_little_endian():
 
 def test_extras_and_empty_ids():
     score = np.array([7, 8, 9], dtype=np.uint16)
-    rec = records.decode_record(
-        records.encode_record([], **META, extras={"score_ids": score}))
+    rec = records.decode_record(records.encode_record([], **META, extras={"score_ids": score}))
     assert rec.ids.shape == (0,)
     np.testing.assert_array_equal(rec.extras["score_ids"], score)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(ids=[70000]), dict(ids=[-1]), dict(ids=[[1, 2]]), dict(kind="midi"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(ids=[70000]),
+        dict(ids=[-1]),
+        dict(ids=[[1, 2]]),
+        dict(kind="midi"),
+    ],
+)
 def test_encode_rejects_bad_input(bad):
     kwargs = {**META, **{k: v for k, v in bad.items() if k != "ids"}}
     with pytest.raises(ValueError):
@@ -67,12 +83,16 @@ def test_decode_rejects_corrupt_bytes():
 
 
 @settings(max_examples=50, deadline=None)
-@given(ids=st.lists(st.integers(0, 65535), max_size=200),
-       source=st.text(min_size=1, max_size=40), corpus=st.text(min_size=1, max_size=10),
-       kind=st.sampled_from(records.KINDS))
+@given(
+    ids=st.lists(st.integers(0, 65535), max_size=200),
+    source=st.text(min_size=1, max_size=40),
+    corpus=st.text(min_size=1, max_size=10),
+    kind=st.sampled_from(records.KINDS),
+)
 def test_round_trip_property(ids, source, corpus, kind):
-    data = records.encode_record(ids, source=source, corpus=corpus, kind=kind,
-                                 n_notes=len(ids) // 8, content_hash="0" * 64)
+    data = records.encode_record(
+        ids, source=source, corpus=corpus, kind=kind, n_notes=len(ids) // 8, content_hash="0" * 64
+    )
     rec = records.decode_record(data)
     assert rec.ids.tolist() == ids
     assert (rec.source, rec.corpus, rec.kind) == (source, corpus, kind)
@@ -88,7 +108,8 @@ def test_shard_names(tmp_path):
         (tmp_path / records.shard_filename(i, 3)).touch()
     (tmp_path / "manifest.json").touch()
     assert [p.name for p in records.list_shards(tmp_path)] == [
-        records.shard_filename(i, 3) for i in range(3)]
+        records.shard_filename(i, 3) for i in range(3)
+    ]
     (tmp_path / records.shard_filename(0, 4)).touch()
     with pytest.raises(ValueError, match="mixes"):
         records.list_shards(tmp_path)

@@ -2,6 +2,7 @@
 in the reference checkpoint layout, converted with `pianist_jax.convert_hf`, must give the same
 encoder states and logits as our Flax model (fp32, eager attention) on real token sequences.
 """
+
 import os
 
 import numpy as np
@@ -15,8 +16,9 @@ import reference_t5gemma as ref  # noqa: E402
 from midi_fixtures import simple_file  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from pianist_jax import convert_hf, export, tokenizer  # noqa: E402
-from pianist_jax.model import load_exported  # noqa: E402
+from pianist_jax import tokenizer  # noqa: E402
+from pianist_jax.artifacts import convert_hf, export
+from pianist_jax.artifacts.export import load_model  # noqa: E402
 
 pytestmark = pytest.mark.reference
 TOL = 1e-4
@@ -27,8 +29,9 @@ TOL = 1e-4
 TINY = ref.model_cfg_from_yaml("model/tiny.yaml")
 CONFIGS = {
     "tiny": TINY,
-    "deep_windowed": dict(TINY, hidden=96, mlp=192, head_dim=32, encoder_layers=3,
-                          decoder_layers=3, sliding_window=6),
+    "deep_windowed": dict(
+        TINY, hidden=96, mlp=192, head_dim=32, encoder_layers=3, decoder_layers=3, sliding_window=6
+    ),
 }
 
 
@@ -45,8 +48,8 @@ def real_sequences(shared_root, tmp_path):
         score = tokenizer.encode_file(simple_file(tmp_path / "a.mid", n=40))
         perf = tokenizer.encode_file(simple_file(tmp_path / "b.mid", n=40, channel=1))
     n = 24 * 8
-    enc = np.stack([score[:n], score[n:2 * n] if len(score) >= 2 * n else score[:n]])
-    enc[1, 17 * 8:] = tokenizer.PAD  # 17 real notes, 7 padding notes
+    enc = np.stack([score[:n], score[n : 2 * n] if len(score) >= 2 * n else score[:n]])
+    enc[1, 17 * 8 :] = tokenizer.PAD  # 17 real notes, 7 padding notes
     dec = np.stack([perf[:n], perf[:n]])
     dec = np.concatenate([np.full((2, 1), tokenizer.BOS), dec[:, :-1]], axis=1)
     dec[1, 150:] = tokenizer.PAD
@@ -67,7 +70,7 @@ def test_encoder_states_and_logits_match_reference(converted, tmp_path, repo_roo
     module, root = converted
     enc, dec = real_sequences(repo_root.parent / "shared", tmp_path)
     ref_states, ref_logits = ref.reference_forward(module, enc, dec)
-    model = load_exported(root / "export")
+    model = load_model(root / "export")
     states, mask = model.encode(enc)
     logits = np.asarray(model(enc, dec))
     real = np.asarray(mask)
@@ -75,8 +78,10 @@ def test_encoder_states_and_logits_match_reference(converted, tmp_path, repo_roo
     states = np.asarray(states)
     assert np.abs(states[real] - ref_states[real]).max() < TOL
     diff = np.abs(logits - ref_logits)
-    print(f"max |state diff| {np.abs(states[real] - ref_states[real]).max():.2e}, "
-          f"max |logit diff| {diff.max():.2e}, max |logit| {np.abs(ref_logits).max():.1f}")
+    print(
+        f"max |state diff| {np.abs(states[real] - ref_states[real]).max():.2e}, "
+        f"max |logit diff| {diff.max():.2e}, max |logit| {np.abs(ref_logits).max():.1f}"
+    )
     assert diff.max() < TOL, f"max |logit diff| {diff.max():.2e}"
     assert np.abs(ref_logits).max() > 10  # the comparison is not between near-zero numbers
 
@@ -97,7 +102,8 @@ def test_converter_rejects_mismatched_checkpoints(converted, tmp_path):
     _, root = converted
     tensors = load_file(str(root / "hf" / "model.safetensors"))
     cfg = convert_hf.model_config_from_hf(
-        __import__("json").loads((root / "hf" / "config.json").read_text()))
+        __import__("json").loads((root / "hf" / "config.json").read_text())
+    )
     broken = dict(tensors)
     broken.pop("model.decoder.norm.weight")
     broken["model.decoder.extra.weight"] = np.zeros(3, np.float32)
@@ -111,5 +117,5 @@ def test_bfloat16_export_loads_close(converted, tmp_path, repo_root):
     assert convert_hf.main([str(root / "hf"), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     enc, dec = real_sequences(repo_root.parent / "shared", tmp_path)
     _, ref_logits = ref.reference_forward(module, enc, dec)
-    logits = np.asarray(load_exported(tmp_path / "bf16")(enc, dec))
+    logits = np.asarray(load_model(tmp_path / "bf16")(enc, dec))
     assert np.abs(logits - ref_logits).mean() < 0.05 * np.abs(ref_logits).mean()

@@ -16,10 +16,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pianist_jax import decoding, export, midi, render, render_core, tempo_map, tokenizer
+from pianist_jax import midi, tokenizer
+from pianist_jax.artifacts import export
 from pianist_jax.config import load_config
+from pianist_jax.midi import tempo_map
 from pianist_jax.model import PianistTransformer
-from pianist_jax.tokenizer import BOS, RENDER_RANGES, SLOT_RANGES, VELOCITY, VELOCITY_START
+from pianist_jax.render import core as render_core
+from pianist_jax.render import decoding
+from pianist_jax.render import renderer as render
+from pianist_jax.tokenizer import (
+    BOS,
+    RENDER_RANGES,
+    SLOT_RANGES,
+    VELOCITY,
+    VELOCITY_START,
+)
 
 WINDOW, SHIFT = 128, 64
 
@@ -41,16 +52,31 @@ def make_score(path, n_notes: int, seed: int = 0):
     onset = np.cumsum(step)
     pitch = rng.integers(40, 90, size=n_notes)
     onset, pitch = np.array(onset), np.array(pitch)
-    notes = midi.Notes(onset=onset, offset=onset + 200, pitch=pitch,
-                       velocity=np.full(n_notes, 64), pedal_ms=np.array([0, 1000]),
-                       pedal_value=np.array([127, 0]))
+    notes = midi.Notes(
+        onset=onset,
+        offset=onset + 200,
+        pitch=pitch,
+        velocity=np.full(n_notes, 64),
+        pedal_ms=np.array([0, 1000]),
+        pedal_value=np.array([127, 0]),
+    )
     midi.write_midi(notes, path)
     return path
 
 
 def run_cli(tiny_model, *args):
-    return render.main([*map(str, args), "--model", str(tiny_model[0]), "--no-progress",
-                        "--window-notes", str(WINDOW), "--shift-notes", str(SHIFT)])
+    return render.main(
+        [
+            *map(str, args),
+            "--model",
+            str(tiny_model[0]),
+            "--no-progress",
+            "--window-notes",
+            str(WINDOW),
+            "--shift-notes",
+            str(SHIFT),
+        ]
+    )
 
 
 def digest(path) -> str:
@@ -62,7 +88,7 @@ def test_plan_windows_cover_every_note_once():
         plan = render.plan_windows(n, 512, 256)
         owner = np.full(n, -1)
         for i, w in enumerate(plan):
-            owner[w.start + w.prime:min(n, w.start + w.size)] = i
+            owner[w.start + w.prime : min(n, w.start + w.size)] = i
         assert (owner >= 0).all()
         assert all(w.prime == 154 for w in plan[1:])  # 256 overlap - 102 unstable tail
         assert plan[-1].start + plan[-1].size >= n
@@ -79,20 +105,38 @@ def test_greedy_window_equals_full_forward(tiny_model, note_conditioning):
     gd, params = nnx.split(model)
     rng = np.random.default_rng(0)
     b, notes, prime = 2, 128, 38
-    enc = np.stack([np.stack([rng.integers(lo, hi, notes) for lo, hi in SLOT_RANGES], 1)
-                    .reshape(-1) for _ in range(b)]).astype(np.int32)
+    enc = np.stack(
+        [
+            np.stack([rng.integers(lo, hi, notes) for lo, hi in SLOT_RANGES], 1).reshape(-1)
+            for _ in range(b)
+        ]
+    ).astype(np.int32)
     n_notes = np.array([notes, 100], np.int32)
-    enc[1, 8 * 100:] = 0
-    primed = np.stack([np.stack([rng.integers(lo, hi, prime) for lo, hi in SLOT_RANGES], 1)
-                       .reshape(-1) for _ in range(b)]).astype(np.int32)
+    enc[1, 8 * 100 :] = 0
+    primed = np.stack(
+        [
+            np.stack([rng.integers(lo, hi, prime) for lo, hi in SLOT_RANGES], 1).reshape(-1)
+            for _ in range(b)
+        ]
+    ).astype(np.int32)
     fn = jax.jit(render_core.make_window_fn(gd, notes, prime))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(b))
-    out = np.asarray(fn(params, enc, primed, n_notes, keys, jnp.zeros(b, jnp.int32),
-                        jnp.zeros((b, 8)), jnp.full((b, 8), 0.95)))
+    out = np.asarray(
+        fn(
+            params,
+            enc,
+            primed,
+            n_notes,
+            keys,
+            jnp.zeros(b, jnp.int32),
+            jnp.zeros((b, 8)),
+            jnp.full((b, 8), 0.95),
+        )
+    )
     dec_in = np.concatenate([np.full((b, 1), BOS), out[:, :-1]], 1)
     logits = np.asarray(model(jnp.asarray(enc), jnp.asarray(dec_in)))
     for r in range(b):
-        np.testing.assert_array_equal(out[r, :8 * prime], primed[r])
+        np.testing.assert_array_equal(out[r, : 8 * prime], primed[r])
         for j in range(prime, n_notes[r]):
             assert out[r, 8 * j] == enc[r, 8 * j]
             for s in range(1, 8):
@@ -107,12 +151,26 @@ def test_hot_sampling_never_draws_velocity_zero(tiny_model):
     gd, params = nnx.split(model)
     rng = np.random.default_rng(1)
     b, notes = 4, 256
-    enc = np.stack([np.stack([rng.integers(lo, hi, notes) for lo, hi in SLOT_RANGES], 1)
-                    .reshape(-1) for _ in range(b)]).astype(np.int32)
+    enc = np.stack(
+        [
+            np.stack([rng.integers(lo, hi, notes) for lo, hi in SLOT_RANGES], 1).reshape(-1)
+            for _ in range(b)
+        ]
+    ).astype(np.int32)
     fn = jax.jit(render_core.make_window_fn(gd, notes, 0))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(b))
-    out = np.asarray(fn(params, enc, np.zeros((b, 0), np.int32), np.full(b, notes, np.int32),
-                        keys, jnp.zeros(b, jnp.int32), jnp.full((b, 8), 50.0), jnp.ones((b, 8))))
+    out = np.asarray(
+        fn(
+            params,
+            enc,
+            np.zeros((b, 0), np.int32),
+            np.full(b, notes, np.int32),
+            keys,
+            jnp.zeros(b, jnp.int32),
+            jnp.full((b, 8), 50.0),
+            jnp.ones((b, 8)),
+        )
+    )
     velocity = out.reshape(b, notes, 8)[:, :, VELOCITY] - VELOCITY_START
     assert velocity.min() >= 1 and len(np.unique(velocity)) > 100
 
@@ -145,8 +203,22 @@ def test_progress_bar_and_summary_line(tiny_model, tmp_path, capsys):
     score = make_score(tmp_path / "s.mid", 37)
     a, b = tmp_path / "a.mid", tmp_path / "b.mid"
     assert run_cli(tiny_model, score, "-o", a) == 0
-    assert render.main([str(score), "-o", str(b), "--model", str(tiny_model[0]),
-                        "--window-notes", str(WINDOW), "--shift-notes", str(SHIFT)]) == 0
+    assert (
+        render.main(
+            [
+                str(score),
+                "-o",
+                str(b),
+                "--model",
+                str(tiny_model[0]),
+                "--window-notes",
+                str(WINDOW),
+                "--shift-notes",
+                str(SHIFT),
+            ]
+        )
+        == 0
+    )
     err, n = capsys.readouterr().err, len(midi.read_midi(score))
     assert digest(a) == digest(b)
     assert f"{n}/{n} notes" in err and "notes/s without compiling" in err
@@ -198,8 +270,18 @@ def _empty_midi(path):
     return path
 
 
-@pytest.mark.parametrize("case", ["corrupt", "zero_bytes", "no_notes", "missing", "directory",
-                                  "out_dir_missing", "model_missing"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "corrupt",
+        "zero_bytes",
+        "no_notes",
+        "missing",
+        "directory",
+        "out_dir_missing",
+        "model_missing",
+    ],
+)
 def test_bad_input_one_line_no_traceback(tiny_model, tmp_path, capsys, case):
     good = make_score(tmp_path / "good.mid", 20)
     args = [good, "-o", tmp_path / "o.mid"]
@@ -218,8 +300,9 @@ def test_bad_input_one_line_no_traceback(tiny_model, tmp_path, capsys, case):
     elif case == "out_dir_missing":
         args[2] = tmp_path / "no" / "such" / "o.mid"
     if case == "model_missing":
-        code = render.main([str(a) for a in args] + ["--model", str(tmp_path / "nomodel"),
-                                                     "--no-progress"])
+        code = render.main(
+            [str(a) for a in args] + ["--model", str(tmp_path / "nomodel"), "--no-progress"]
+        )
     else:
         code = run_cli(tiny_model, *args)
     err = capsys.readouterr().err.strip().splitlines()
@@ -234,16 +317,19 @@ def test_warnings_are_one_line_each(tmp_path, capsys, monkeypatch):
     import warnings
 
     def fake_render(args):
-        warnings.warn("score.mid: 3 negative rendered times clamped to 0 ms",
-                      tempo_map.TempoMapWarning)
+        warnings.warn(
+            "score.mid: 3 negative rendered times clamped to 0 ms", tempo_map.TempoMapWarning
+        )
         return "rendered 0 notes"
 
     monkeypatch.setattr(render, "render_files", fake_render)
     before = warnings.showwarning
     assert render.main([str(tmp_path / "score.mid"), "--compilation-cache", ""]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err == ["warning: score.mid: 3 negative rendered times clamped to 0 ms",
-                   "rendered 0 notes"]
+    assert err == [
+        "warning: score.mid: 3 negative rendered times clamped to 0 ms",
+        "rendered 0 notes",
+    ]
     assert warnings.showwarning is before
 
 
@@ -278,20 +364,56 @@ def test_decoding_defaults_per_slot_and_overrides(tiny_model, tmp_path, capsys):
     greedy = {"temperature": dict.fromkeys(decoding.KINDS, 0.0)}
     decoding.save(model_dir, greedy, chosen_by="test")
     outs = {}
-    for name, flags in (("default", []), ("all0", ["--temperature", "0"]),
-                        ("hot", ["--temperature", "1", "--seed", "3"]),
-                        ("vel", ["--temperature", "velocity=1", "--seed", "3"])):
+    for name, flags in (
+        ("default", []),
+        ("all0", ["--temperature", "0"]),
+        ("hot", ["--temperature", "1", "--seed", "3"]),
+        ("vel", ["--temperature", "velocity=1", "--seed", "3"]),
+    ):
         outs[name] = tmp_path / f"{name}.mid"
-        assert render.main([str(score), "-o", str(outs[name]), "--model", str(model_dir),
-                            "--no-progress", *flags]) == 0
+        assert (
+            render.main(
+                [
+                    str(score),
+                    "-o",
+                    str(outs[name]),
+                    "--model",
+                    str(model_dir),
+                    "--no-progress",
+                    *flags,
+                ]
+            )
+            == 0
+        )
     assert digest(outs["default"]) == digest(outs["all0"]) != digest(outs["hot"])
     assert digest(outs["vel"]) not in (digest(outs["default"]), digest(outs["hot"]))
-    assert decoding.per_slot({"ioi": 1, "velocity": 2, "duration": 3, "pedal": 4}).tolist() \
-        == [1, 1, 2, 3, 4, 4, 4, 4]
+    assert decoding.per_slot({"ioi": 1, "velocity": 2, "duration": 3, "pedal": 4}).tolist() == [
+        1,
+        1,
+        2,
+        3,
+        4,
+        4,
+        4,
+        4,
+    ]
     assert decoding.parse("velocity=0.5, pedal=1") == {"velocity": 0.5, "pedal": 1.0}
     capsys.readouterr()
-    assert render.main([str(score), "-o", str(tmp_path / "x.mid"), "--model", str(model_dir),
-                        "--top-p", "pedl=0.5", "--no-progress"]) == 2
+    assert (
+        render.main(
+            [
+                str(score),
+                "-o",
+                str(tmp_path / "x.mid"),
+                "--model",
+                str(model_dir),
+                "--top-p",
+                "pedl=0.5",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown slot kind" in err[0]
     with pytest.raises(decoding.DecodingError, match="top_p for pedal"):

@@ -5,9 +5,9 @@ A change here changes how every pod job lays out its parameters, so it must be d
 
 import pytest
 
-from pianist_jax import sharding
 from pianist_jax.config import load_config
-from pianist_jax.config_schema import ConfigError, MeshConfig
+from pianist_jax.config.schema import ConfigError, MeshConfig
+from pianist_jax.train import sharding
 
 # base model, layer 0 of each stack plus the tables (all layers are checked to match layer 0)
 GOLDEN_FSDP = [  # mesh (data=2, fsdp=4, tensor=1)

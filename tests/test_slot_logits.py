@@ -14,11 +14,15 @@ import optax
 import pytest
 from flax import nnx
 
-from pianist_jax import data, data_sft, midi, records, sharding
+from pianist_jax import midi
 from pianist_jax import tokenizer as tok
 from pianist_jax.config import load_config
+from pianist_jax.data import pipeline as data
+from pianist_jax.data import records
+from pianist_jax.data import sft as data_sft
 from pianist_jax.model import SLOT_GROUPS, flops_per_token
-from pianist_jax.train_step import StepFns, slot_loss_sums
+from pianist_jax.train import sharding
+from pianist_jax.train.step import StepFns, slot_loss_sums
 
 BLOCK, BATCH = 64, 8
 
@@ -26,10 +30,14 @@ BLOCK, BATCH = 64, 8
 def piece(rng, n):
     """Patterned (learnable) notes -> ids, with pedal changes."""
     onset = np.cumsum(rng.integers(0, 300, n))
-    notes = midi.Notes(onset=onset, offset=onset + rng.integers(50, 800, n),
-                       pitch=48 + (np.arange(n) * 3) % 36, velocity=rng.integers(40, 100, n),
-                       pedal_ms=np.sort(rng.integers(0, int(onset[-1]) + 1, 4)),
-                       pedal_value=rng.choice([0, 100], 4))
+    notes = midi.Notes(
+        onset=onset,
+        offset=onset + rng.integers(50, 800, n),
+        pitch=48 + (np.arange(n) * 3) % 36,
+        velocity=rng.integers(40, 100, n),
+        pedal_ms=np.sort(rng.integers(0, int(onset[-1]) + 1, 4)),
+        pedal_value=rng.choice([0, 100], 4),
+    )
     return tok.encode_notes(notes)
 
 
@@ -77,6 +85,7 @@ def random_params(abstract: dict, seed: int = 0) -> dict:
     matrices ~ N(0, 1/fan_in), norm scales and biases ~ N(0, 0.1^2) (a less trivial network
     than their zero init)."""
     rng = np.random.default_rng(seed)
+
     def draw(s):
         scale = 1 / np.sqrt(s.shape[0]) if len(s.shape) > 1 else 0.1
         return (scale * rng.standard_normal(s.shape)).astype(s.dtype)
@@ -87,8 +96,9 @@ def random_params(abstract: dict, seed: int = 0) -> dict:
 @pytest.fixture(scope="module")
 def model():
     graphdef, abstract = sharding.abstract_model(load_config(None, TINY).model)
-    shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                          nnx.to_pure_dict(abstract))
+    shapes = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract)
+    )
     return sharding.bind(graphdef, abstract, random_params(shapes))
 
 
@@ -99,7 +109,8 @@ def test_slot_groups_cover_every_slot_once():
     assert SLOT_GROUPS[1][1:] == (tok.TIME_START, tok.TIME_START + tok.MAX_IOI_MS + 1)
     cfg = load_config(None, ["model=tiny"]).model
     assert flops_per_token(dataclasses.replace(cfg, slot_logits=True), 1024) < flops_per_token(
-        cfg, 1024)
+        cfg, 1024
+    )
 
 
 def test_slot_loss_equals_masked_full_vocab_loss(model):
@@ -110,17 +121,21 @@ def test_slot_loss_equals_masked_full_vocab_loss(model):
     full_notes = full.reshape(BATCH, BLOCK // 8, 8, -1)
     for (slots, lo, hi), logits in zip(SLOT_GROUPS, groups):
         assert logits.shape == (BATCH, BLOCK // 8, len(slots), hi - lo)
-        np.testing.assert_allclose(logits, full_notes[:, :, slots[0]:slots[-1] + 1, lo:hi],
-                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(
+            logits, full_notes[:, :, slots[0] : slots[-1] + 1, lo:hi], atol=1e-5, rtol=1e-5
+        )
     got = slot_loss_sums(groups, jnp.asarray(b["targets"]), weights)
     want = reference_sums(full, jnp.asarray(b["targets"]), weights)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert float(got[2]) == float(weights.sum()) > 0  # real masked targets are all in range
     # all positions weighted (SFT-style), not only the masked ones
     ones = jnp.ones_like(weights)
-    np.testing.assert_allclose(slot_loss_sums(groups, jnp.asarray(b["targets"]), ones),
-                               reference_sums(full, jnp.asarray(b["targets"]), ones),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        slot_loss_sums(groups, jnp.asarray(b["targets"]), ones),
+        reference_sums(full, jnp.asarray(b["targets"]), ones),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_out_of_range_targets_carry_no_weight(model):
@@ -134,6 +149,7 @@ def test_out_of_range_targets_carry_no_weight(model):
     assert bad.sum() >= 19
     ones = jnp.ones(targets.shape, jnp.float32)  # weight 1 everywhere, PAD included
     _, groups = FORWARD(model, b["encoder_ids"], b["decoder_input_ids"])
+
     def loss_fn(gs, t):
         sums = slot_loss_sums(gs, t, ones)
         return sums[0], sums
@@ -145,19 +161,29 @@ def test_out_of_range_targets_carry_no_weight(model):
     bad_notes = bad.reshape(BATCH, BLOCK // 8, 8)
     for (slots, _, _), g in zip(SLOT_GROUPS, grads):
         g = np.abs(np.asarray(g)).sum(-1)
-        dead = bad_notes[:, :, slots[0]:slots[-1] + 1]
+        dead = bad_notes[:, :, slots[0] : slots[-1] + 1]
         assert np.isfinite(g).all() and not g[dead].any() and g[~dead].all()
     # loss and gradients do not depend on what the out-of-range targets are
     (_, (loss2, _, count2)), grads2 = value_and_grad(
-        groups, jnp.asarray(np.where(bad, tok.EOS, targets)))
+        groups, jnp.asarray(np.where(bad, tok.EOS, targets))
+    )
     assert (float(loss2), float(count2)) == (float(loss), float(count))
     assert all(np.array_equal(x, y) for x, y in zip(grads, grads2))
 
 
 def test_train_steps_on_a_mesh_match_the_reference_and_lower_the_loss():
-    cfg = load_config(None, [*TINY, "mesh.shape=[2,2,2]", f"data.block_size={BLOCK}",
-                             f"train.batch_size={BATCH}", "train.lr=3e-3",
-                             "train.warmup_steps=0", "train.steps=20"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "mesh.shape=[2,2,2]",
+            f"data.block_size={BLOCK}",
+            f"train.batch_size={BATCH}",
+            "train.lr=3e-3",
+            "train.warmup_steps=0",
+            "train.steps=20",
+        ],
+    )
     fns = StepFns(cfg, sharding.make_mesh(cfg.mesh), total_steps=20)
     params = random_params(fns._abstract_params(), seed=1)
     host = batch_of(2)
@@ -165,8 +191,9 @@ def test_train_steps_on_a_mesh_match_the_reference_and_lower_the_loss():
     # full-vocabulary reference on one device, at the initial parameters
     model = sharding.bind(fns.graphdef, fns.abstract, params)
     full, _ = FORWARD(model, host["encoder_ids"], host["decoder_input_ids"])
-    loss, correct, count = reference_sums(full, jnp.asarray(host["targets"]),
-                                          jnp.asarray(host["loss_mask"]))
+    loss, correct, count = reference_sums(
+        full, jnp.asarray(host["targets"]), jnp.asarray(host["loss_mask"])
+    )
     state = fns.init_state(params)
     batch = jax.device_put(host, fns.batch_sharding)
     history = []
@@ -174,8 +201,11 @@ def test_train_steps_on_a_mesh_match_the_reference_and_lower_the_loss():
         state, metrics = fns.train_step(state, batch)
         history.append(jax.device_get(metrics))
     first = history[0]
-    np.testing.assert_allclose([first["loss"], first["accuracy"], first["loss_tokens"]],
-                               [loss / count, correct / count, count], rtol=1e-5)
+    np.testing.assert_allclose(
+        [first["loss"], first["accuracy"], first["loss_tokens"]],
+        [loss / count, correct / count, count],
+        rtol=1e-5,
+    )
     assert int(state["bad_step"]) == -1
     assert all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in history)
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
@@ -191,14 +221,24 @@ def test_pipelines_are_slot_aligned():
 
     rng = np.random.default_rng(4)
     score, perf = piece(rng, 40), piece(rng, 40)
-    raw = records.encode_record(score, source="x.mid", corpus="syn", kind="score", n_notes=40,
-                                content_hash="0" * 64, extras={"performance": perf})
+    raw = records.encode_record(
+        score,
+        source="x.mid",
+        corpus="syn",
+        kind="score",
+        n_notes=40,
+        content_hash="0" * 64,
+        extras={"performance": perf},
+    )
 
     index = types.SimpleNamespace(  # the SftIndex interface: sources[s][r] -> bytes, rows
         sources=[[raw]],
-        rows=np.array([(0, 0, 0, 16, 0), (0, 0, 24, 16, 1), (0, 0, 30, 10, 0)], np.int64))
-    cfg = load_config(None, ["data.kind=sft", "data.block_size=128", "data.window_stride=64",
-                             "data.mask_prob=0.3"]).data
+        rows=np.array([(0, 0, 0, 16, 0), (0, 0, 24, 16, 1), (0, 0, 30, 10, 0)], np.int64),
+    )
+    cfg = load_config(
+        None,
+        ["data.kind=sft", "data.block_size=128", "data.window_stride=64", "data.mask_prob=0.3"],
+    ).data
     build = data_sft.SftExample(index, cfg)
     for i in (0, 1, 2, -1):
         ex = build(i, np.random.default_rng(i + 10))

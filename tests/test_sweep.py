@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from pianist_jax import midi, records, sweep, tokenizer
+from pianist_jax import midi, tokenizer
 from pianist_jax.config import CONFIG_ROOT, config_from_cli
-from pianist_jax.scaling_fit import fit_power_law, write_report
+from pianist_jax.data import records
+from pianist_jax.scaling import sweep
+from pianist_jax.scaling.fit import fit_power_law, write_report
 
 SWEEPS = sorted((CONFIG_ROOT / "sweeps").glob("*.yaml"))
 CORPUS = 36_830_040  # tokens in shards 0-6 of launch/tokenize_shared.sh (no shards needed here)
@@ -26,11 +28,14 @@ CORPUS = 36_830_040  # tokens in shards 0-6 of launch/tokenize_shared.sh (no sha
 # --------------------------------------------------------------------------- fit
 
 
-@pytest.mark.parametrize("e, a, alpha, xs", [
-    (1.5, 40.0, 0.3, [1e4, 1e5, 1e6, 1e7]),  # params-like x
-    (2.0, 300.0, 0.5, [1e5, 2e5, 4e5]),  # 3 budgets: exactly determined
-    (0.7, 5e9, 1.2, [3e7, 1e8, 3e8, 1e9]),  # steep, big x (tokens-like)
-])
+@pytest.mark.parametrize(
+    "e, a, alpha, xs",
+    [
+        (1.5, 40.0, 0.3, [1e4, 1e5, 1e6, 1e7]),  # params-like x
+        (2.0, 300.0, 0.5, [1e5, 2e5, 4e5]),  # 3 budgets: exactly determined
+        (0.7, 5e9, 1.2, [3e7, 1e8, 3e8, 1e9]),  # steep, big x (tokens-like)
+    ],
+)
 def test_fit_recovers_known_parameters(e, a, alpha, xs):
     fit = fit_power_law(xs, e + a * np.power(xs, -alpha))
     assert fit["ok"], fit
@@ -41,18 +46,21 @@ def test_fit_recovers_known_parameters(e, a, alpha, xs):
 
 def test_fit_with_noise():
     xs = np.geomspace(1e4, 1e7, 6)
-    ys = 1.5 + 40 * xs ** -0.3 + np.random.default_rng(0).normal(0, 0.005, len(xs))
+    ys = 1.5 + 40 * xs**-0.3 + np.random.default_rng(0).normal(0, 0.005, len(xs))
     fit = fit_power_law(xs, ys)
     assert fit["ok"] and abs(fit["alpha"] - 0.3) < 0.05 and abs(fit["E"] - 1.5) < 0.1
     assert fit["rmse"] < 0.01
 
 
-@pytest.mark.parametrize("xs, ys, why", [
-    ([1e4, 1e5], [3.0, 2.0], "need >= 3"),
-    ([1e4, 1e5, 1e6], [2.0, 2.5, 3.0], "does not fall"),
-    ([1e4, 1e4, 1e4], [3.0, 2.5, 2.0], "need >= 3"),
-    ([1e4, np.nan, 1e6], [3.0, 2.5, 2.0], "need >= 3"),
-])
+@pytest.mark.parametrize(
+    "xs, ys, why",
+    [
+        ([1e4, 1e5], [3.0, 2.0], "need >= 3"),
+        ([1e4, 1e5, 1e6], [2.0, 2.5, 3.0], "does not fall"),
+        ([1e4, 1e4, 1e4], [3.0, 2.5, 2.0], "need >= 3"),
+        ([1e4, np.nan, 1e6], [3.0, 2.5, 2.0], "need >= 3"),
+    ],
+)
 def test_fit_failures_are_reported_not_raised(xs, ys, why):
     fit = fit_power_law(xs, ys)
     assert not fit["ok"] and why in fit["message"]
@@ -82,8 +90,9 @@ def test_cpu_sweep_is_cpu_sized():
     points = sweep.plan(spec, CORPUS)
     assert all(p.cfg.model.dtype == "float32" and p.cfg.model.hidden <= 128 for p in points)
     sizes = [sweep.size_info(points[i * len(spec.budgets)].cfg) for i in range(len(spec.sizes))]
-    assert all(a["params_non_embedding"] < b["params_non_embedding"]
-               for a, b in itertools.pairwise(sizes))
+    assert all(
+        a["params_non_embedding"] < b["params_non_embedding"] for a, b in itertools.pairwise(sizes)
+    )
     assert sum(p.tokens for p in points) < 3e6  # ~20 min on 2 cores (see docs/SCALING.md)
 
 
@@ -99,12 +108,21 @@ def test_paper_sweep_sizes():
     assert max(p.steps for p in points) == 40_000  # budget 1.0 = the paper's full run
 
 
-@pytest.mark.parametrize("text, match", [
-    ("name: x\noutput_dir: o\nsizes: {a: {}}\nbudgets: [0.1]\nbugdets: [1]\n", "did you mean budgets"),
-    ("name: x\noutput_dir: o\nsizes: {a: {model.hiden: 3}}\nbudgets: [0.1]\n", "size a.*model.hiden"),
-    ("name: x\noutput_dir: o\nsizes: {a: {}}\nbudgets: [0]\n", "budgets > 0"),
-    ("name: x\noutput_dir: o\nsizes: {a: {}}\nbudgets: [0.1]\nmode: run\n", "mode must be"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            "name: x\noutput_dir: o\nsizes: {a: {}}\nbudgets: [0.1]\nbugdets: [1]\n",
+            "did you mean budgets",
+        ),
+        (
+            "name: x\noutput_dir: o\nsizes: {a: {model.hiden: 3}}\nbudgets: [0.1]\n",
+            "size a.*model.hiden",
+        ),
+        ("name: x\noutput_dir: o\nsizes: {a: {}}\nbudgets: [0]\n", "budgets > 0"),
+        ("name: x\noutput_dir: o\nsizes: {a: {}}\nbudgets: [0.1]\nmode: run\n", "mode must be"),
+    ],
+)
 def test_bad_sweep_specs(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -119,8 +137,13 @@ def test_bad_sweep_specs(tmp_path, text, match):
 def test_print_commands(launcher, tmp_path):
     path = CONFIG_ROOT / "sweeps" / "paper.yaml"
     out = io.StringIO()
-    assert sweep.main([str(path), "--print-commands", f"output_dir={tmp_path}",
-                       f"launcher={launcher}"], out=out) == 0
+    assert (
+        sweep.main(
+            [str(path), "--print-commands", f"output_dir={tmp_path}", f"launcher={launcher}"],
+            out=out,
+        )
+        == 0
+    )
     lines = [x for x in out.getvalue().splitlines() if not x.startswith("#")]
     spec = sweep.load_sweep(path, [f"output_dir={tmp_path}"])
     points = sweep.plan(spec, spec.corpus_tokens)
@@ -128,8 +151,11 @@ def test_print_commands(launcher, tmp_path):
     for line, point in zip(lines, points):
         argv = shlex.split(line)
         if launcher == "python":
-            assert argv[:5] == ["python", "-m", "pianist_jax.train", "--config",
-                                "configs/pretrain.yaml"] and argv[-1] == "--distributed"
+            assert (
+                argv[:5]
+                == ["python", "-m", "pianist_jax.train", "--config", "configs/pretrain.yaml"]
+                and argv[-1] == "--distributed"
+            )
             # the printed command builds exactly the point's run config
             assert config_from_cli([argv[4], *argv[5:-1]]) == point.cfg
         else:
@@ -144,7 +170,7 @@ def test_print_commands(launcher, tmp_path):
 def fake_loss(point) -> float:
     """Falls with parameters and with tokens, like a real sweep should."""
     info = sweep.size_info(point.cfg)
-    return 2.0 + 30 * info["params_non_embedding"] ** -0.3 + 50 * point.tokens ** -0.3
+    return 2.0 + 30 * info["params_non_embedding"] ** -0.3 + 50 * point.tokens**-0.3
 
 
 class FakeTrainer:
@@ -159,11 +185,14 @@ class FakeTrainer:
         if point.name in self.fail:
             return 1
         loss = fake_loss(point)
-        lines = [{"step": s, "split": "train", "loss": loss + 0.1} for s in range(1, point.steps + 1)]
+        lines = [
+            {"step": s, "split": "train", "loss": loss + 0.1} for s in range(1, point.steps + 1)
+        ]
         if point.name not in self.no_eval:
             lines.append({"step": point.steps, "split": "eval", "loss": loss, "accuracy": 0.5})
         (Path(point.output_dir) / "metrics.jsonl").write_text(
-            "".join(json.dumps(x) + "\n" for x in lines))
+            "".join(json.dumps(x) + "\n" for x in lines)
+        )
         return 0
 
 
@@ -190,8 +219,14 @@ def test_resumable_runs_skip_finished_points(tmp_path):
 
     out = io.StringIO()
     fits = write_report(rows, tmp_path, name="cpu", out=out)
-    for name in ("results.csv", "results.json", "fit.json", "loss_vs_params.png",
-                 "loss_vs_tokens.png", "summary.md"):
+    for name in (
+        "results.csv",
+        "results.json",
+        "fit.json",
+        "loss_vs_params.png",
+        "loss_vs_tokens.png",
+        "summary.md",
+    ):
         assert (tmp_path / name).stat().st_size > 0
     assert fits["L_N"]["ok"] and fits["L_D"]["ok"]
     assert fits["L_D"]["beta"] == pytest.approx(0.3, abs=0.05)
@@ -208,8 +243,9 @@ def test_collect_reads_finished_runs(tmp_path):
     for point in points[:-1]:  # e.g. copied back from a pod: metrics.jsonl, no result.json
         Path(point.output_dir).mkdir(parents=True)
         FakeTrainer()(spec, point, Path(point.output_dir) / "train.log")
-    rows = sweep.run_points(spec, points, lambda *a: pytest.fail("ran"), io.StringIO(),
-                            collect_only=True)
+    rows = sweep.run_points(
+        spec, points, lambda *a: pytest.fail("ran"), io.StringIO(), collect_only=True
+    )
     assert [r["status"] for r in rows] == ["ok"] * (len(points) - 1) + ["missing"]
     assert (Path(points[0].output_dir) / sweep.RESULT).is_file()
 
@@ -229,18 +265,31 @@ def write_shards(root: Path, num: int = 2, pieces: int = 10) -> None:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
     for s in range(num):
-        writer = ArrayRecordWriter(str(root / records.shard_filename(s, num)),
-                                   records.ARRAY_RECORD_OPTIONS)
+        writer = ArrayRecordWriter(
+            str(root / records.shard_filename(s, num)), records.ARRAY_RECORD_OPTIONS
+        )
         for i in range(pieces):
             n = int(rng.integers(20, 60))
             onset = np.cumsum(rng.integers(0, 300, n))
-            notes = midi.Notes(onset=onset, offset=onset + 200, pitch=48 + np.arange(n) % 24,
-                               velocity=np.full(n, 64), pedal_ms=np.zeros(0, np.int64),
-                               pedal_value=np.zeros(0, np.int64))
+            notes = midi.Notes(
+                onset=onset,
+                offset=onset + 200,
+                pitch=48 + np.arange(n) % 24,
+                velocity=np.full(n, 64),
+                pedal_ms=np.zeros(0, np.int64),
+                pedal_value=np.zeros(0, np.int64),
+            )
             ids = tokenizer.encode_notes(notes)
-            writer.write(records.encode_record(ids, source=f"{s}-{i}.mid", corpus="syn",
-                                               kind="performance", n_notes=n,
-                                               content_hash=f"{s}{i:063x}"))
+            writer.write(
+                records.encode_record(
+                    ids,
+                    source=f"{s}-{i}.mid",
+                    corpus="syn",
+                    kind="performance",
+                    n_notes=n,
+                    content_hash=f"{s}{i:063x}",
+                )
+            )
         writer.close()
 
 
@@ -272,7 +321,8 @@ overrides:
   train.log_every: 1
   mesh.shape: [1, -1, 1]
 sizes:
-  h16: {{model.hidden: 16, model.mlp: 32, model.num_heads: 2, model.num_kv_heads: 1, model.head_dim: 8}}
+  h16: {{model.hidden: 16, model.mlp: 32, model.num_heads: 2, model.num_kv_heads: 1,
+        model.head_dim: 8}}
 budgets: [0.05, 0.1]
 warmup_fraction: 0
 """)

@@ -1,4 +1,5 @@
 """Tempo-mapped MIDI (PAPER_NOTES §4) must play exactly like the ms rendering it came from."""
+
 from __future__ import annotations
 
 import csv
@@ -8,7 +9,8 @@ import mido
 import numpy as np
 import pytest
 
-from pianist_jax import midi, tempo_map
+from pianist_jax import midi
+from pianist_jax.midi import tempo_map
 from tests.midi_fixtures import note_track, save
 
 TPB = 480
@@ -27,17 +29,24 @@ def _score_file(path) -> Path:
                 notes += [(t, t + bar - 30, p, 60) for p in (50, 54, 57)]
         notes.append((b * bar + 2 * TPB + TPB // 2, b * bar + 3 * TPB - 10, 79, 70))  # eighth
     notes += [(8 * bar, 8 * bar + 4 * TPB, p, 70) for p in (50, 57, 62, 66)]  # final chord
-    pedal = [(b * bar + 10, mido.Message("control_change", control=64, value=v))
-             for b in range(8) for v in (127,)]
-    pedal += [(b * bar + bar - 40, mido.Message("control_change", control=64, value=0))
-              for b in range(8)]
-    meta = mido.MidiTrack([
-        mido.MetaMessage("time_signature", numerator=3, denominator=4, time=0),
-        mido.MetaMessage("key_signature", key="D", time=0),
-        mido.MetaMessage("set_tempo", tempo=600_000, time=0),
-        mido.MetaMessage("set_tempo", tempo=800_000, time=4 * bar),
-        mido.MetaMessage("time_signature", numerator=4, denominator=4, time=2 * bar),
-        mido.MetaMessage("key_signature", key="F", time=0)])
+    pedal = [
+        (b * bar + 10, mido.Message("control_change", control=64, value=v))
+        for b in range(8)
+        for v in (127,)
+    ]
+    pedal += [
+        (b * bar + bar - 40, mido.Message("control_change", control=64, value=0)) for b in range(8)
+    ]
+    meta = mido.MidiTrack(
+        [
+            mido.MetaMessage("time_signature", numerator=3, denominator=4, time=0),
+            mido.MetaMessage("key_signature", key="D", time=0),
+            mido.MetaMessage("set_tempo", tempo=600_000, time=0),
+            mido.MetaMessage("set_tempo", tempo=800_000, time=4 * bar),
+            mido.MetaMessage("time_signature", numerator=4, denominator=4, time=2 * bar),
+            mido.MetaMessage("key_signature", key="F", time=0),
+        ]
+    )
     return save(path, [meta, note_track(notes, extra=pedal)], ticks_per_beat=TPB)
 
 
@@ -54,14 +63,22 @@ def _render(score: midi.Notes, delay_ms: float = 150.0, seed: int = 0) -> midi.N
     offset = np.maximum(np.rint(warp(score.offset)).astype(np.int64), onset + 5)
     velocity = rng.integers(25, 121, len(score))
     pedal_ms = np.rint(warp(score.pedal_ms)).astype(np.int64)
-    return midi.Notes(onset, offset, score.pitch.copy(), velocity, pedal_ms,
-                      score.pedal_value.copy())
+    return midi.Notes(
+        onset, offset, score.pitch.copy(), velocity, pedal_ms, score.pedal_value.copy()
+    )
 
 
 def _expected(rendered: midi.Notes, pitch: np.ndarray) -> midi.Notes:
-    return midi.resolve_same_pitch_overlaps(midi.Notes(
-        rendered.onset, rendered.offset, pitch, rendered.velocity, rendered.pedal_ms,
-        rendered.pedal_value))
+    return midi.resolve_same_pitch_overlaps(
+        midi.Notes(
+            rendered.onset,
+            rendered.offset,
+            pitch,
+            rendered.velocity,
+            rendered.pedal_ms,
+            rendered.pedal_value,
+        )
+    )
 
 
 def _assert_plays_like(path, want: midi.Notes, tol_ms: int = 2) -> None:
@@ -125,12 +142,20 @@ def test_rubato_rendering_reads_back_exactly_with_signatures(tmp_path):
     tempos = [(t, m.tempo) for t, m in metas[0] if m.type == "set_tempo"]
     assert len(tempos) == info["n_anchors"] + 1 and tempos[0][0] == 0
     scale = mf.ticks_per_beat // TPB
-    sigs = sorted((t, m.type, str(getattr(m, "key", getattr(m, "numerator", ""))))
-                  for t, m in metas[0] if m.type != "set_tempo")
+    sigs = sorted(
+        (t, m.type, str(getattr(m, "key", getattr(m, "numerator", ""))))
+        for t, m in metas[0]
+        if m.type != "set_tempo"
+    )
     bar = 3 * TPB
-    assert sigs == sorted([(0, "time_signature", "3"), (0, "key_signature", "D"),
-                           (6 * bar * scale, "time_signature", "4"),
-                           (6 * bar * scale, "key_signature", "F")])
+    assert sigs == sorted(
+        [
+            (0, "time_signature", "3"),
+            (0, "key_signature", "D"),
+            (6 * bar * scale, "time_signature", "4"),
+            (6 * bar * scale, "key_signature", "F"),
+        ]
+    )
 
 
 def test_late_start_shifts_by_whole_bars_and_negative_times_clamp(tmp_path):
@@ -148,12 +173,24 @@ def test_late_start_shifts_by_whole_bars_and_negative_times_clamp(tmp_path):
 
     early = _render(score, delay_ms=-40.0, seed=2)  # first notes before 0 ms
     assert early.onset.min() == 0  # _render clamps; make one genuinely negative
-    early = midi.Notes(early.onset - np.where(early.onset == 0, 30, 0), early.offset,
-                       early.pitch, early.velocity, early.pedal_ms, early.pedal_value)
+    early = midi.Notes(
+        early.onset - np.where(early.onset == 0, 30, 0),
+        early.offset,
+        early.pitch,
+        early.velocity,
+        early.pedal_ms,
+        early.pedal_value,
+    )
     with pytest.warns(tempo_map.TempoMapWarning, match="negative"):
         info = tempo_map.write_tempo_mapped(score_path, early, out)
-    clamped = midi.Notes(np.maximum(early.onset, 0), early.offset, early.pitch,
-                         early.velocity, np.maximum(early.pedal_ms, 0), early.pedal_value)
+    clamped = midi.Notes(
+        np.maximum(early.onset, 0),
+        early.offset,
+        early.pitch,
+        early.velocity,
+        np.maximum(early.pedal_ms, 0),
+        early.pedal_value,
+    )
     _assert_plays_like(out, _expected(clamped, score.pitch))
     assert info["n_negative_clamped"] > 0
 
@@ -165,9 +202,14 @@ def test_counts_differ_extra_and_missing_note(tmp_path):
     drop = 17
     keep = np.flatnonzero(np.arange(len(score)) != drop)
     corr = np.append(keep, -1)  # the extra note (before the first anchor) has no score note
-    rendered = midi.Notes(np.append(full.onset[keep], 40), np.append(full.offset[keep], 90),
-                          np.append(full.pitch[keep], 101), np.append(full.velocity[keep], 33),
-                          full.pedal_ms, full.pedal_value)
+    rendered = midi.Notes(
+        np.append(full.onset[keep], 40),
+        np.append(full.offset[keep], 90),
+        np.append(full.pitch[keep], 101),
+        np.append(full.velocity[keep], 33),
+        full.pedal_ms,
+        full.pedal_value,
+    )
     out = tmp_path / "differ.mid"
     info = tempo_map.write_tempo_mapped(score_path, rendered, out, correspondence=corr)
     pitch = np.append(score.pitch[keep], 101)
@@ -191,8 +233,14 @@ def test_single_chord_falls_back_to_120_bpm_and_overlaps_resolve(tmp_path):
     onset = np.array([300, 310, 305, 800, 820, 805])
     offset = np.array([1200, 900, 1300, 1500, 1600, 1700])
     pitch = np.array([60, 64, 67, 60, 64, 67])
-    rendered = midi.Notes(onset, offset, pitch, np.array([50, 60, 70, 80, 90, 100]),
-                          np.array([0, 700]), np.array([127, 0]))
+    rendered = midi.Notes(
+        onset,
+        offset,
+        pitch,
+        np.array([50, 60, 70, 80, 90, 100]),
+        np.array([0, 700]),
+        np.array([127, 0]),
+    )
     corr = np.array([0, 1, 2, -1, -1, -1])
     tm = tempo_map.tempo_map_notes(path, rendered, corr)
     assert tm.tempos == [(0, 500_000)] and tm.info["fallback"] == "constant_120_bpm"
@@ -204,8 +252,14 @@ def test_single_chord_falls_back_to_120_bpm_and_overlaps_resolve(tmp_path):
     assert info["max_onset_error_ms"] == 0
 
     one = save(tmp_path / "one.mid", [note_track([(960, 1200, 60, 70)])])  # a single note
-    rendered = midi.Notes(np.array([2345]), np.array([2600]), np.array([60]), np.array([0]),
-                          np.zeros(0, np.int64), np.zeros(0, np.int64))
+    rendered = midi.Notes(
+        np.array([2345]),
+        np.array([2600]),
+        np.array([60]),
+        np.array([0]),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+    )
     with pytest.warns(tempo_map.TempoMapWarning, match="velocities"):
         info = tempo_map.write_tempo_mapped(one, rendered, tmp_path / "one_mapped.mid")
     assert info["fallback"] == "constant_120_bpm" and info["max_onset_error_ms"] == 0
@@ -219,8 +273,9 @@ def test_extreme_gap_is_clamped_but_times_still_match(tmp_path):
     r = _render(score, seed=4)
     late = r.onset >= np.sort(np.unique(r.onset))[20]
     onset = r.onset + np.where(late, 40_000, 0)  # a 40 s fermata: slower than 20 BPM
-    rendered = midi.Notes(onset, r.offset + np.where(late, 40_000, 0), r.pitch, r.velocity,
-                          r.pedal_ms, r.pedal_value)
+    rendered = midi.Notes(
+        onset, r.offset + np.where(late, 40_000, 0), r.pitch, r.velocity, r.pedal_ms, r.pedal_value
+    )
     info = tempo_map.write_tempo_mapped(score_path, rendered, tmp_path / "gap.mid")
     assert info["n_segments_clamped"] >= 1 and info["bpm_min"] >= 20 - 1e-6
     _assert_plays_like(tmp_path / "gap.mid", _expected(rendered, score.pitch))
@@ -229,8 +284,9 @@ def test_extreme_gap_is_clamped_but_times_still_match(tmp_path):
 def test_bad_score_file_names_it(tmp_path):
     bad = tmp_path / "bad.mid"
     bad.write_bytes(b"not midi")
-    notes = midi.Notes(*(np.zeros(1, np.int64) for _ in range(4)), np.zeros(0, np.int64),
-                       np.zeros(0, np.int64))
+    notes = midi.Notes(
+        *(np.zeros(1, np.int64) for _ in range(4)), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    )
     with pytest.raises(midi.MidiError, match="bad.mid"):
         tempo_map.tempo_map_notes(bad, notes)
 
@@ -242,8 +298,9 @@ def test_real_asap_score(tmp_path):
         pytest.skip("../shared/data/asap not present")
     with open(meta) as f:
         rows = list(csv.DictReader(f))
-    picks = [rows[0]] + [r for r in rows if r["midi_performance"].endswith(
-        "Prelude/bwv_848/LeeSH01M.mid")][:1]
+    picks = [rows[0]] + [
+        r for r in rows if r["midi_performance"].endswith("Prelude/bwv_848/LeeSH01M.mid")
+    ][:1]
     used_performance = False
     for row in picks:
         score_path = SHARED_DATA / "asap" / row["midi_score"]

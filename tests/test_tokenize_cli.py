@@ -18,7 +18,7 @@ from data_prep import inspect as dp_inspect
 from data_prep import merge_manifests as mm
 from data_prep import sources
 from data_prep import tokenize as tk
-from pianist_jax import records
+from pianist_jax.data import records
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 N_SHARDS = 8
@@ -28,8 +28,12 @@ def write_midi(path: Path, seed: int, n: int = 24, channel: int = 0) -> Path:
     """A small piano piece: random pitches/velocities, a tempo change and some pedal."""
     rng = np.random.default_rng(seed)
     mf = mido.MidiFile(type=1, ticks_per_beat=480)
-    meta = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=int(rng.integers(4, 8)) * 100_000),
-                           mido.MetaMessage("set_tempo", tempo=600_000, time=960)])
+    meta = mido.MidiTrack(
+        [
+            mido.MetaMessage("set_tempo", tempo=int(rng.integers(4, 8)) * 100_000),
+            mido.MetaMessage("set_tempo", tempo=600_000, time=960),
+        ]
+    )
     events = []
     for i in range(n):
         start = i * 240 + int(rng.integers(0, 60))
@@ -76,9 +80,22 @@ BAD = ("bad_truncated.mid", "bad_garbage.mid", "bad_drums.mid")
 
 
 def run(corpus: Path, out: Path, *extra: str) -> int:
-    return tk.main(["--input", f"{corpus / 'pieces'}", "--input", f"{corpus / 'extra'}:extra",
-                    "--output", str(out), "--num-shards", str(N_SHARDS), "--workers", "0",
-                    "--no-progress", *extra])
+    return tk.main(
+        [
+            "--input",
+            f"{corpus / 'pieces'}",
+            "--input",
+            f"{corpus / 'extra'}:extra",
+            "--output",
+            str(out),
+            "--num-shards",
+            str(N_SHARDS),
+            "--workers",
+            "0",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def read_all(out: Path) -> list[records.Record]:
@@ -133,8 +150,10 @@ def test_duplicates_written_once(full_run):
     manifest = json.loads((full_run / "manifest.json").read_text())
     dups = {(d["kept"], d["duplicate"]) for d in manifest["duplicates"]}
     # the copy in the other corpus ('extra' sorts before 'pieces') is the one kept
-    assert dups == {("pieces/p1.mid", "pieces/p1_copy.mid"),
-                    ("extra/p3_again.mid", "pieces/p3.mid")}
+    assert dups == {
+        ("pieces/p1.mid", "pieces/p1_copy.mid"),
+        ("extra/p3_again.mid", "pieces/p3.mid"),
+    }
     assert manifest["totals"]["duplicates"] == 2
 
 
@@ -187,7 +206,8 @@ def test_resume_skips_done_shards(corpus, full_run, tmp_path, monkeypatch):
     assert changed == {records.shard_filename(redo, N_SHARDS)}
     expected = json.loads((full_run / mm.fragment_filename(redo, N_SHARDS)).read_text())
     assert len(calls) == expected["totals"]["files"] + sum(
-        1 for q in expected["quarantine"] if not q["reason"].startswith("unreadable"))
+        1 for q in expected["quarantine"] if not q["reason"].startswith("unreadable")
+    )
     assert shard_bytes(tmp_path) == shard_bytes(full_run)
     assert (tmp_path / "manifest.json").exists()
 
@@ -207,9 +227,24 @@ def test_stale_settings_refused(corpus, full_run, tmp_path):
 
 
 def test_spawn_workers_match_in_process(corpus, full_run, tmp_path):
-    assert tk.main(["--input", f"{corpus / 'pieces'}", "--input", f"{corpus / 'extra'}:extra",
-                    "--output", str(tmp_path), "--num-shards", str(N_SHARDS), "--workers", "2",
-                    "--no-progress"]) == 0
+    assert (
+        tk.main(
+            [
+                "--input",
+                f"{corpus / 'pieces'}",
+                "--input",
+                f"{corpus / 'extra'}:extra",
+                "--output",
+                str(tmp_path),
+                "--num-shards",
+                str(N_SHARDS),
+                "--workers",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert shard_bytes(tmp_path) == shard_bytes(full_run)
 
 
@@ -222,11 +257,17 @@ def test_inspect_summary_and_decode(full_run, tmp_path, capsys):
     mf = mido.MidiFile(out)
     n_on = sum(1 for t in mf.tracks for m in t if m.type == "note_on" and m.velocity > 0)
     assert n_on == 24
-    first_nonempty = next(i for i, p in enumerate(records.list_shards(full_run))
-                          if json.loads((full_run / mm.fragment_filename(i, N_SHARDS))
-                                        .read_text())["totals"]["files"])
-    assert dp_inspect.main([str(full_run), "--shard", str(first_nonempty), "--decode", "-1",
-                            "--out", str(out)]) == 0
+    first_nonempty = next(
+        i
+        for i, p in enumerate(records.list_shards(full_run))
+        if json.loads((full_run / mm.fragment_filename(i, N_SHARDS)).read_text())["totals"]["files"]
+    )
+    assert (
+        dp_inspect.main(
+            [str(full_run), "--shard", str(first_nonempty), "--decode", "-1", "--out", str(out)]
+        )
+        == 0
+    )
 
 
 def test_input_specs_globs_and_file_lists(corpus, tmp_path):
@@ -236,7 +277,8 @@ def test_input_specs_globs_and_file_lists(corpus, tmp_path):
     assert sources.parse_input_spec("/x/*.mid::performance").kind == "performance"
     files = sources.expand_input(sources.parse_input_spec(f"{corpus}/*/p[0-2].mid"))
     assert [(f.corpus, f.source) for f in files] == [
-        (corpus.name, f"pieces/p{i}.mid") for i in range(3)]
+        (corpus.name, f"pieces/p{i}.mid") for i in range(3)
+    ]
     lst = tmp_path / "list.txt"
     lst.write_text(f"# comment\n{corpus / 'extra' / 'e0.mid'}\n\n")
     got = sources.read_file_list(sources.parse_input_spec(f"{lst}:listed"))
@@ -259,9 +301,24 @@ def test_real_data_subset(tmp_path):
     if not asap.is_dir() or not gt.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     out = tmp_path / "out"
-    assert tk.main(["--input", f"{asap}/bwv_84*/*.mid:asap", "--input", f"{gt}/bach_*.mid",
-                    "--output", str(out), "--num-shards", "2", "--workers", "0",
-                    "--no-progress"]) == 0
+    assert (
+        tk.main(
+            [
+                "--input",
+                f"{asap}/bwv_84*/*.mid:asap",
+                "--input",
+                f"{gt}/bach_*.mid",
+                "--output",
+                str(out),
+                "--num-shards",
+                "2",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["totals"]["files"] > 3
     kinds = manifest["corpora"]["asap"]["kinds"]
@@ -286,13 +343,29 @@ def test_unexpected_errors_and_unreadable_files_are_quarantined(corpus, tmp_path
 
     monkeypatch.setattr(midi, "read_midi", flaky)
     lst = tmp_path / "list.txt"
-    lst.write_text("../corpus_missing/gone.mid\n" + "\n".join(
-        str(p) for p in sorted((corpus / "extra").glob("*.mid"))) + "\n")
+    lst.write_text(
+        "../corpus_missing/gone.mid\n"
+        + "\n".join(str(p) for p in sorted((corpus / "extra").glob("*.mid")))
+        + "\n"
+    )
     out = tmp_path / "out"
-    assert tk.main(["--file-list", f"{lst}:listed", "--output", str(out), "--num-shards", "3",
-                    "--workers", "0", "--no-progress"]) == 0
-    rows = dict(line.split("\t") for line in
-                (out / "quarantine.tsv").read_text().splitlines()[1:])
+    assert (
+        tk.main(
+            [
+                "--file-list",
+                f"{lst}:listed",
+                "--output",
+                str(out),
+                "--num-shards",
+                "3",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    rows = dict(line.split("\t") for line in (out / "quarantine.tsv").read_text().splitlines()[1:])
     reasons = {Path(p).name: r for p, r in rows.items()}
     assert reasons["e1.mid"] == "RuntimeError: boom in the tokenizer"
     assert reasons["gone.mid"].startswith("unreadable")
@@ -300,7 +373,9 @@ def test_unexpected_errors_and_unreadable_files_are_quarantined(corpus, tmp_path
 
 
 def test_exclude_keeps_only_performances(corpus, tmp_path):
-    kept = sources.collect_sources([str(corpus / "pieces")], [], exclude=["midi_score.mid", "bad_*"])
+    kept = sources.collect_sources(
+        [str(corpus / "pieces")], [], exclude=["midi_score.mid", "bad_*"]
+    )
     names = {s.source for s in kept}
     assert "Work/midi_score.mid" not in names and not any(n.startswith("bad_") for n in names)
     assert "p0.mid" in names and "upper/LOUD.MIDI" in names
@@ -310,8 +385,21 @@ def test_exclude_keeps_only_performances(corpus, tmp_path):
     assert manifest["totals"]["files"] == N_GOOD_UNIQUE - 1
     # a resumed run with other excludes would mix datasets: refused
     with pytest.raises(SystemExit, match="written with"):
-        tk.main(["--input", str(corpus / "pieces"), "--output", str(out), "--num-shards",
-                 str(N_SHARDS), "--workers", "0", "--no-progress", "--shard-index", "0"])
+        tk.main(
+            [
+                "--input",
+                str(corpus / "pieces"),
+                "--output",
+                str(out),
+                "--num-shards",
+                str(N_SHARDS),
+                "--workers",
+                "0",
+                "--no-progress",
+                "--shard-index",
+                "0",
+            ]
+        )
 
 
 def test_every_kind_of_bad_file_is_quarantined_with_its_reason(tmp_path):
@@ -326,8 +414,22 @@ def test_every_kind_of_bad_file_is_quarantined_with_its_reason(tmp_path):
     good = [write_midi(bad_dir / f"fine{i}.mid", seed=100 + i) for i in range(3)]
     (bad_dir / "good.mid").unlink()  # the template bad_files() cut up; keep only the fine*.mid
     out = tmp_path / "out"
-    assert tk.main(["--input", f"{bad_dir}:mixed", "--output", str(out), "--num-shards", "2",
-                    "--workers", "0", "--no-progress"]) == 0
+    assert (
+        tk.main(
+            [
+                "--input",
+                f"{bad_dir}:mixed",
+                "--output",
+                str(out),
+                "--num-shards",
+                "2",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert sorted(r.source for r in read_all(out)) == sorted(p.name for p in good)
     rows = (out / "quarantine.tsv").read_text().splitlines()[1:]
     reasons = {Path(p).name: why for p, why in (line.split("\t") for line in rows)}
@@ -343,17 +445,22 @@ def test_assign_by_path_reads_only_own_files_and_splits_cleanly(corpus, tmp_path
     real = tk._sha256_path
     monkeypatch.setattr(tk, "_sha256_path", lambda p: hashed.append(p) or real(p))
     run(corpus, split, "--assign-by", "path", "--shard-index", "0-3")
-    first_half = {s.path for s in sources.collect_sources(
-        [str(corpus / "pieces"), f"{corpus / 'extra'}:extra"], []) if tk.path_shard(s, N_SHARDS) < 4}
+    first_half = {
+        s.path
+        for s in sources.collect_sources([str(corpus / "pieces"), f"{corpus / 'extra'}:extra"], [])
+        if tk.path_shard(s, N_SHARDS) < 4
+    }
     assert set(hashed) == first_half  # the other shards' files were never read
     run(corpus, split, "--assign-by", "path", "--shard-index", "4-7")
     assert shard_bytes(one) == shard_bytes(split)
-    assert without_commands(json.loads((one / mm.MANIFEST).read_text())) == \
-        without_commands(json.loads((split / mm.MANIFEST).read_text()))
+    assert without_commands(json.loads((one / mm.MANIFEST).read_text())) == without_commands(
+        json.loads((split / mm.MANIFEST).read_text())
+    )
     recs = read_all(one)
     # p1_copy duplicates p1; it is dropped only if both paths hash to the same shard
-    same_shard = (tk.path_shard(sources.SourceFile("pieces", "p1.mid", "", ""), N_SHARDS)
-                  == tk.path_shard(sources.SourceFile("pieces", "p1_copy.mid", "", ""), N_SHARDS))
+    same_shard = tk.path_shard(
+        sources.SourceFile("pieces", "p1.mid", "", ""), N_SHARDS
+    ) == tk.path_shard(sources.SourceFile("pieces", "p1_copy.mid", "", ""), N_SHARDS)
     names = {(r.corpus, r.source) for r in recs}
     assert (("pieces", "p1_copy.mid") in names) != same_shard
     assert all(r.n_notes == 24 for r in recs)

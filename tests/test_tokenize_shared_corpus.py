@@ -4,6 +4,7 @@ Two full runs give byte-identical shards, shards 0-3 and 4-7 written by two invo
 the same shards and manifest as one run, the ids in the shards are the tokenizer's, and the
 inspect tool decodes a record back to a MIDI file that plays (mido reads it, notes match).
 """
+
 import json
 
 import mido
@@ -12,15 +13,29 @@ import pytest
 
 from data_prep import inspect as dp_inspect
 from data_prep import tokenize as tk
-from pianist_jax import records, tokenizer
+from pianist_jax import tokenizer
+from pianist_jax.data import records
 
 pytestmark = pytest.mark.slow
 
 
 def run(shared_data, out, *extra):
-    argv = ["--input", str(shared_data / "unlabeled"), "--input", f"{shared_data / 'asap'}:asap",
-            "--exclude", "midi_score.mid", "--output", str(out), "--num-shards", "8",
-            "--workers", "2", "--no-progress", *extra]
+    argv = [
+        "--input",
+        str(shared_data / "unlabeled"),
+        "--input",
+        f"{shared_data / 'asap'}:asap",
+        "--exclude",
+        "midi_score.mid",
+        "--output",
+        str(out),
+        "--num-shards",
+        "8",
+        "--workers",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
     assert tk.main(argv) == 0
 
 

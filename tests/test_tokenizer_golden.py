@@ -1,4 +1,5 @@
 """Token ids identical to the reference implementation's (../shared/golden)."""
+
 import numpy as np
 import pytest
 
@@ -36,6 +37,19 @@ def test_golden_decode_of_pedalled_performance_round_trips(golden_tokens, which)
 def test_vocab_layout_constants():
     assert tokenizer.VOCAB_SIZE == 5389
     assert tokenizer.SLOT_RANGES.tolist() == [
-        [5, 133], [261, 5252], [133, 261], [261, 5261],
-        [5261, 5389], [5261, 5389], [5261, 5389], [5261, 5389]]
-    assert (tokenizer.PAD, tokenizer.MASK, tokenizer.BOS, tokenizer.EOS, tokenizer.PLAY) == (0, 1, 2, 3, 4)
+        [5, 133],
+        [261, 5252],
+        [133, 261],
+        [261, 5261],
+        [5261, 5389],
+        [5261, 5389],
+        [5261, 5389],
+        [5261, 5389],
+    ]
+    assert (tokenizer.PAD, tokenizer.MASK, tokenizer.BOS, tokenizer.EOS, tokenizer.PLAY) == (
+        0,
+        1,
+        2,
+        3,
+        4,
+    )

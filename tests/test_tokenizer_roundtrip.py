@@ -1,4 +1,5 @@
 """encode(decode(encode(f))) == encode(f) on real files, and a property test on synthetic notes."""
+
 import csv
 import tempfile
 from pathlib import Path
@@ -36,7 +37,10 @@ note_lists = st.lists(
         st.one_of(st.integers(1, 800), st.integers(4900, 7000)),  # duration
         st.sampled_from([0, 1, 60, 61, 126, 127]) | st.integers(0, 127),  # pitch
         st.sampled_from([1, 2, 126, 127]) | st.integers(1, 127),  # velocity
-    ), min_size=1, max_size=40)
+    ),
+    min_size=1,
+    max_size=40,
+)
 pedal_lists = st.lists(st.tuples(st.integers(0, 60000), st.integers(0, 127)), max_size=30)
 
 
@@ -45,10 +49,13 @@ pedal_lists = st.lists(st.tuples(st.integers(0, 60000), st.integers(0, 127)), ma
 def test_round_trip_property(raw_notes, raw_pedal):
     onset = np.cumsum([g for g, *_ in raw_notes])
     notes = midi.Notes(
-        onset=onset, offset=onset + np.array([d for _, d, _, _ in raw_notes]),
-        pitch=np.array([p for *_, p, _ in raw_notes]), velocity=np.array([v for *_, v in raw_notes]),
+        onset=onset,
+        offset=onset + np.array([d for _, d, _, _ in raw_notes]),
+        pitch=np.array([p for *_, p, _ in raw_notes]),
+        velocity=np.array([v for *_, v in raw_notes]),
         pedal_ms=np.array(sorted(t for t, _ in raw_pedal), dtype=np.int64),
-        pedal_value=np.array([v for _, v in sorted(raw_pedal, key=lambda x: x[0])], dtype=np.int64))
+        pedal_value=np.array([v for _, v in sorted(raw_pedal, key=lambda x: x[0])], dtype=np.int64),
+    )
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "src.mid"
         midi.write_midi(notes, src)
@@ -66,9 +73,14 @@ def test_round_trip_property(raw_notes, raw_pedal):
 def test_capped_gap_is_stretched_so_held_note_survives():
     """A 7 s note, 8 s of silence, the same pitch again: both caps apply.  Decoding at the
     capped 4990 ms would cut the 4999 ms note; the decoder stretches the gap instead."""
-    notes = midi.Notes(onset=np.array([0, 8000]), offset=np.array([7000, 8100]),
-                       pitch=np.array([60, 60]), velocity=np.array([70, 70]),
-                       pedal_ms=np.zeros(0, np.int64), pedal_value=np.zeros(0, np.int64))
+    notes = midi.Notes(
+        onset=np.array([0, 8000]),
+        offset=np.array([7000, 8100]),
+        pitch=np.array([60, 60]),
+        velocity=np.array([70, 70]),
+        pedal_ms=np.zeros(0, np.int64),
+        pedal_value=np.zeros(0, np.int64),
+    )
     ids = tokenizer.encode_notes(notes)
     dec = tokenizer.decode_ids(ids)
     assert dec.onset.tolist() == [0, 4999] and dec.offset.tolist() == [4999, 5099]
@@ -77,9 +89,13 @@ def test_capped_gap_is_stretched_so_held_note_survives():
 
 def test_clamps_and_pedal_sampling():
     notes = midi.Notes(
-        onset=np.array([0, 0, 6000, 6003]), offset=np.array([7000, 10, 6004, 6100]),
-        pitch=np.array([0, 127, 60, 61]), velocity=np.array([1, 127, 64, 64]),
-        pedal_ms=np.array([0, 1600, 3000, 6002]), pedal_value=np.array([127, 30, 0, 90]))
+        onset=np.array([0, 0, 6000, 6003]),
+        offset=np.array([7000, 10, 6004, 6100]),
+        pitch=np.array([0, 127, 60, 61]),
+        velocity=np.array([1, 127, 64, 64]),
+        pedal_ms=np.array([0, 1600, 3000, 6002]),
+        pedal_value=np.array([127, 30, 0, 90]),
+    )
     tok = tokenizer.encode_notes(notes).reshape(-1, 8)
     assert tok[:, 0].tolist() == [5, 132, 65, 66]
     assert (tok[:, 1] - 261).tolist() == [0, 0, 4990, 3]  # IOI 6000 capped at 4990
@@ -93,8 +109,12 @@ def test_clamps_and_pedal_sampling():
 
 
 def test_render_ioi_floor_with_score():
-    score = np.array([60 + 5, 261 + 0, 200, 261 + 100] + [5261] * 4
-                     + [62 + 5, 261 + 250, 200, 261 + 100] + [5261] * 4)
+    score = np.array(
+        [60 + 5, 261 + 0, 200, 261 + 100]
+        + [5261] * 4
+        + [62 + 5, 261 + 250, 200, 261 + 100]
+        + [5261] * 4
+    )
     perf = score.copy()
     perf[9] = 261 + 1  # the model squeezed a 250 ms score gap to 1 ms
     notes = tokenizer.decode_ids(perf, score_ids=score)

@@ -1,4 +1,5 @@
 """bench/train_bench.py --vs-reference: both trainers run on the same batch and are compared."""
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,32 @@ def test_vs_reference_prints_rounds_and_the_ratio():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     out = subprocess.run(
-        [sys.executable, "bench/train_bench.py", "--vs-reference", "--batch", "1", "--block",
-         "64", "--steps", "1", "--warmup", "1", "--rounds", "2", "model.hidden=64",
-         "model.mlp=128", "model.head_dim=16", "model.encoder_layers=1"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "XLA_FLAGS": ""})  # one CPU device, as a user runs it
+        [
+            sys.executable,
+            "bench/train_bench.py",
+            "--vs-reference",
+            "--batch",
+            "1",
+            "--block",
+            "64",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--rounds",
+            "2",
+            "model.hidden=64",
+            "model.mlp=128",
+            "model.head_dim=16",
+            "model.encoder_layers=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )  # one CPU device, as a user runs it
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert sum(line.startswith("round ") for line in lines) == 2

@@ -37,22 +37,22 @@ def pitch(name: str) -> int:
 # Right hand, one list per bar: (note, quarters). Bars 1-8 end on the dominant (half cadence),
 # bars 9-16 on the tonic.
 MELODY = [
-    [("B4", 1), ("D5", 1), ("G5", 1)],                      # 1  G
-    [("E5", 1.5), ("D5", 0.5), ("C5", 1)],                  # 2  C
-    [("B4", 1), ("A4", 0.5), ("B4", 0.5), ("D5", 1)],       # 3  G
-    [("A4", 2), ("D5", 1)],                                 # 4  D
-    [("G5", 1.5), ("F#5", 0.5), ("E5", 1)],                 # 5  Em
-    [("E5", 1), ("D5", 0.5), ("C5", 0.5), ("E5", 1)],       # 6  C
-    [("D5", 1), ("C5", 1), ("A4", 1)],                      # 7  D7
-    [("A4", 3)],                                            # 8  D (held)
-    [("B4", 1), ("D5", 1), ("G5", 1)],                      # 9  G
-    [("E5", 1.5), ("D5", 0.5), ("C5", 1)],                  # 10 C
-    [("B4", 0.5), ("C5", 0.5), ("D5", 1), ("B4", 1)],       # 11 G
-    [("E5", 1), ("G5", 1), ("E5", 1)],                      # 12 Em
-    [("G5", 1.5), ("E5", 0.5), ("C5", 1)],                  # 13 C
-    [("A5", 1), ("E5", 1), ("C5", 1)],                      # 14 Am
-    [("A4", 1.5), ("C5", 0.5), ("F#4", 1)],                 # 15 D7
-    [("G4", 3)],                                            # 16 G (held)
+    [("B4", 1), ("D5", 1), ("G5", 1)],  # 1  G
+    [("E5", 1.5), ("D5", 0.5), ("C5", 1)],  # 2  C
+    [("B4", 1), ("A4", 0.5), ("B4", 0.5), ("D5", 1)],  # 3  G
+    [("A4", 2), ("D5", 1)],  # 4  D
+    [("G5", 1.5), ("F#5", 0.5), ("E5", 1)],  # 5  Em
+    [("E5", 1), ("D5", 0.5), ("C5", 0.5), ("E5", 1)],  # 6  C
+    [("D5", 1), ("C5", 1), ("A4", 1)],  # 7  D7
+    [("A4", 3)],  # 8  D (held)
+    [("B4", 1), ("D5", 1), ("G5", 1)],  # 9  G
+    [("E5", 1.5), ("D5", 0.5), ("C5", 1)],  # 10 C
+    [("B4", 0.5), ("C5", 0.5), ("D5", 1), ("B4", 1)],  # 11 G
+    [("E5", 1), ("G5", 1), ("E5", 1)],  # 12 Em
+    [("G5", 1.5), ("E5", 0.5), ("C5", 1)],  # 13 C
+    [("A5", 1), ("E5", 1), ("C5", 1)],  # 14 Am
+    [("A4", 1.5), ("C5", 0.5), ("F#4", 1)],  # 15 D7
+    [("G4", 3)],  # 16 G (held)
 ]
 
 # Left hand per bar: (bass, chord tones, held). held=False: bass on beat 1, chord on beats 2
@@ -112,8 +112,12 @@ def _track(name: str, notes: list, channel: int = 0) -> mido.MidiTrack:
         events.append((off, 0, mido.Message("note_off", note=p, velocity=0, channel=channel)))
         events.append((on, 1, mido.Message("note_on", note=p, velocity=v, channel=channel)))
     events.sort(key=lambda e: (e[0], e[1], e[2].note))  # offs before ons at the same tick
-    track = mido.MidiTrack([mido.MetaMessage("track_name", name=name, time=0),
-                            mido.Message("program_change", program=0, channel=channel, time=0)])
+    track = mido.MidiTrack(
+        [
+            mido.MetaMessage("track_name", name=name, time=0),
+            mido.Message("program_change", program=0, channel=channel, time=0),
+        ]
+    )
     now = 0
     for tick, _, msg in events:
         track.append(msg.copy(time=tick - now))
@@ -124,15 +128,18 @@ def _track(name: str, notes: list, channel: int = 0) -> mido.MidiTrack:
 
 def make_midi() -> mido.MidiFile:
     rh, lh = score_notes()
-    meta = mido.MidiTrack([
-        mido.MetaMessage("track_name", name="Little Waltz in G (pianist-jax example, CC0)"),
-        mido.MetaMessage("time_signature", numerator=3, denominator=4),
-        mido.MetaMessage("key_signature", key="G"),
-        mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(BPM)),
-        mido.MetaMessage("end_of_track", time=0),
-    ])
-    return mido.MidiFile(type=1, ticks_per_beat=TPB,
-                         tracks=[meta, _track("Right hand", rh), _track("Left hand", lh)])
+    meta = mido.MidiTrack(
+        [
+            mido.MetaMessage("track_name", name="Little Waltz in G (pianist-jax example, CC0)"),
+            mido.MetaMessage("time_signature", numerator=3, denominator=4),
+            mido.MetaMessage("key_signature", key="G"),
+            mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(BPM)),
+            mido.MetaMessage("end_of_track", time=0),
+        ]
+    )
+    return mido.MidiFile(
+        type=1, ticks_per_beat=TPB, tracks=[meta, _track("Right hand", rh), _track("Left hand", lh)]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(argv[0]) if argv else Path(__file__).resolve().parent / NAME
     make_midi().save(str(out))
     rh, lh = score_notes()
-    print(f"wrote {out}: {len(rh) + len(lh)} notes ({len(rh)} right hand, {len(lh)} left hand), "
-          f"{len(MELODY)} bars of 3/4 at {BPM} BPM")
+    print(
+        f"wrote {out}: {len(rh) + len(lh)} notes ({len(rh)} right hand, {len(lh)} left hand), "
+        f"{len(MELODY)} bars of 3/4 at {BPM} BPM"
+    )
     return 0
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from pianist_jax.evaluate.histograms import main
+
+sys.exit(main())

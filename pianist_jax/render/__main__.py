@@ -1,0 +1,5 @@
+import sys
+
+from pianist_jax.render.renderer import main
+
+sys.exit(main())
