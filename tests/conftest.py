@@ -17,7 +17,7 @@ _flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.ge
 os.environ["XLA_FLAGS"] = f"{_flags.strip()} {_DEVICES}".strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 # Several tests compile the same tiny train step (fresh run, resumed run, ...): a persistent
-# compilation cache for the session turns the repeats into cache hits.
+# compilation cache for the test run turns the repeats into cache hits.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 

@@ -569,7 +569,7 @@ def test_bundled_model_renders_the_example(tmp_path):
     export.read_export(DEFAULT_MODEL)  # format and tokenizer version
     perf = check_renders_example(None, tmp_path / "waltz.mid")
     assert (perf.pedal_value >= 64).any()  # a waltz gets sustain pedal (CC64)
-    assert card["evaluation"]["model"]["overall"]["js"]["mean"] <= 0.30  # issue 5 target
+    assert card["evaluation"]["model"]["overall"]["js"]["mean"] <= 0.30  # well below deadpan
 
 
 @pytest.mark.slow  # ~40 s: builds a wheel (offline, no build isolation), renders from it
