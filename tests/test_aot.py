@@ -50,6 +50,7 @@ def _run(args: list[str], tmp_path: Path, env: dict[str, str]) -> subprocess.Com
     )
 
 
+@pytest.mark.slow  # compiles the step for a TPU topology
 def test_tiny_compiles_for_v5e_2x2(tmp_path):
     env = _aot_env()
     out = tmp_path / "report.json"

@@ -165,6 +165,7 @@ def test_not_sft_shards_is_a_clear_error(tmp_path):
         data_sft.examples_per_epoch(cfg)
 
 
+@pytest.mark.slow  # a pre-training run, then fine-tuning
 def test_sft_run_from_pretrained_params_epochs_and_validation(sft_shards, tmp_path, repo_root):
     os.chdir(repo_root)
     root = sft_shards[0]

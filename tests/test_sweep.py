@@ -293,6 +293,7 @@ def write_shards(root: Path, num: int = 2, pieces: int = 10) -> None:
         writer.close()
 
 
+@pytest.mark.slow  # trains every point of a sweep
 def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, repo_root):
     """1 size x 2 budgets through real trainer subprocesses, then a rerun that skips both.
 

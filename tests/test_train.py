@@ -99,6 +99,7 @@ def uninterrupted(shard_dir, tmp_path_factory, repo_root):
     return cfg, out, train.run(cfg, progress=False)
 
 
+@pytest.mark.slow  # three training runs
 def test_resume_after_sigterm_is_bit_identical(uninterrupted, shard_dir, tmp_path):
     cfg_a, out_a, result_a = uninterrupted
     assert result_a.end_step == 10 and not result_a.preempted
@@ -232,6 +233,7 @@ def one_step(overrides, devices=None):
     return jax.device_get(state["params"]), jax.device_get(metrics)
 
 
+@pytest.mark.slow  # compiles the step for every mesh
 def test_one_step_is_the_same_on_every_mesh(repo_root):
     """Data/FSDP (2, 4), FSDP/tensor (1, 2, 4) and a single device compute the same update."""
     os.chdir(repo_root)

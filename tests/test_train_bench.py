@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.reference
+@pytest.mark.slow  # rounds of both train steps
 def test_vs_reference_prints_rounds_and_the_ratio():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
