@@ -113,10 +113,9 @@ def main() -> None:
         f"CPU: {cpu_name()}; model {args.model}, float32, score {notes} notes"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        module = ref.build_reference(ref.model_cfg_from_yaml(f"model/{args.model}.yaml"), seed=0)
-        ref.save_reference(
-            module, Path(tmp) / "hf", ref.model_cfg_from_yaml(f"model/{args.model}.yaml")
-        )
+        model_cfg = ref.model_cfg_from_yaml(f"model/{args.model}.yaml")
+        module = ref.build_reference(model_cfg, seed=0)
+        ref.save_reference(module, Path(tmp) / "hf", model_cfg)
         ours = Renderer(convert_hf.convert(Path(tmp) / "hf", Path(tmp) / "ours"))
         theirs = reference_renderer(module)
 

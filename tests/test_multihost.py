@@ -27,7 +27,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from pianist_jax import tokenizer as tok
-from pianist_jax.artifacts import export
+from pianist_jax.artifacts import checkpoint_export, export
 from pianist_jax.data import records
 from pianist_jax.train import checkpoint
 
@@ -280,8 +280,12 @@ def test_two_process_train_checkpoint_resume(gloo, tmp_path):
     assert iterator_states(resumed, TOTAL) == states
 
     # and the final parameters (read back from the 2-process checkpoints) are identical
-    a = export.read_export(export.export_checkpoint(straight, tmp_path / "export_straight"))[1]
-    b = export.read_export(export.export_checkpoint(resumed, tmp_path / "export_resumed"))[1]
+    a = export.read_export(
+        checkpoint_export.export_checkpoint(straight, tmp_path / "export_straight")
+    )[1]
+    b = export.read_export(
+        checkpoint_export.export_checkpoint(resumed, tmp_path / "export_resumed")
+    )[1]
     fa, fb = export.flatten(a), export.flatten(b)
     assert fa and fa.keys() == fb.keys()
     for key in fa:

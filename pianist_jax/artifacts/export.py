@@ -1,7 +1,5 @@
 """Params-only inference artifacts: what the renderer loads and what `convert_hf` writes.
 
-    python -m pianist_jax.export runs/pretrain OUT_DIR [--dtype bfloat16] [--step N]
-
 Why a format of our own (not an Orbax checkpoint): a musician's laptop should load a model
 with no optimiser state, no mesh and no Orbax, in one read. An export directory holds
 
@@ -9,18 +7,17 @@ with no optimiser state, no mesh and no Orbax, in one read. An export directory 
     model.yaml          the ModelConfig (sizes, softcaps, ...)
     export.json         format version, tokenizer version, dtype, where it came from
 
-Training checkpoints (`pianist_jax.export`) and reference checkpoints (`pianist_jax.convert_hf`)
-both end up here, so the renderer and parity checks have a single loading path.
+Training checkpoints (`python -m pianist_jax.export`, `checkpoint_export`) and reference
+checkpoints (`python -m pianist_jax.convert_hf`) both end up here, so the renderer and parity
+checks have a single loading path.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -30,15 +27,12 @@ import ml_dtypes
 import numpy as np
 import yaml
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from pianist_jax.config.schema import ModelConfig
 from pianist_jax.model import PianistTransformer
 from pianist_jax.model.params import flatten, unflatten
 from pianist_jax.tokenizer import TOKENIZER_VERSION
-from pianist_jax.train import checkpoint, sharding
 from pianist_jax.train.sharding import abstract_model
 
 FORMAT = "pianist-jax-export/1"
@@ -59,7 +53,6 @@ def write_export(
     source: dict | None = None,
 ) -> Path:
     """Write an export directory atomically (a temp dir renamed into place)."""
-
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
@@ -93,7 +86,6 @@ def write_export(
 
 def read_export(path: str | Path) -> tuple[ModelConfig, dict, dict]:
     """``(model config, params as a nested dict of numpy arrays, export.json)``."""
-
     path = Path(path)
     missing = [n for n in (WEIGHTS, MODEL_CONFIG, INFO) if not (path / n).is_file()]
     if missing:
@@ -115,7 +107,6 @@ def read_export(path: str | Path) -> tuple[ModelConfig, dict, dict]:
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Flat parameter name -> shape that a model with ``cfg`` expects (nothing allocated)."""
-
     _, state = abstract_model(cfg)
     return {k: tuple(v.shape) for k, v in flatten(nnx.to_pure_dict(state)).items()}
 
@@ -134,7 +125,6 @@ def shape_mismatches(params: Mapping, cfg: ModelConfig) -> list[str]:
 def load_model(path: str | Path, dtype: str | None = None):
     """An NNX `PianistTransformer` with the exported params (compute in ``dtype``, default
     float32), on the default device. Checks every parameter's name and shape."""
-
     cfg, params, _ = read_export(path)
     cfg = dataclasses.replace(cfg, dtype=dtype or "float32")
     model = nnx.eval_shape(lambda: PianistTransformer(cfg, rngs=nnx.Rngs(0)))
@@ -145,46 +135,3 @@ def load_model(path: str | Path, dtype: str | None = None):
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
     nnx.update(model, state)
     return model
-
-
-def export_checkpoint(
-    ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", step: int | None = None
-) -> Path:
-    """Read the params of a training checkpoint (any mesh) onto one device and export them."""
-
-    ckpt_dir = Path(ckpt_dir)
-    run_dir = checkpoint.run_checkpoints(ckpt_dir)
-    cfg = checkpoint.load_config_from_checkpoint(run_dir, step)
-    _, abstract = sharding.abstract_model(cfg.model)
-    one = NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",)), P())
-    target = jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=one), nnx.to_pure_dict(abstract)
-    )
-    params = checkpoint.restore_params_only(run_dir, target, step)
-    steps = checkpoint.committed_steps(run_dir)
-    source = {
-        "checkpoint": str(ckpt_dir.resolve()),
-        "run": cfg.name,
-        "step": step if step is not None else (steps[-1] if steps else None),
-    }
-    return write_export(out_dir, jax.device_get(params), cfg.model, dtype=dtype, source=source)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pianist_jax.export",
-        description="Training checkpoint -> params-only artifact.",
-    )
-    parser.add_argument("checkpoint", help="run directory (train.output_dir) or its checkpoints/")
-    parser.add_argument("out", help="output directory")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: newest good one)")
-    args = parser.parse_args(argv)
-    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, step=args.step)
-    info = json.loads((out / INFO).read_text())
-    print(f"wrote {out} ({info['num_params'] / 1e6:.2f} M params, {args.dtype})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,7 +41,7 @@ from pianist_jax.config.schema import Config, DataConfig, SourceConfig
 from pianist_jax.data import records
 from pianist_jax.data import sft as data_sft
 from pianist_jax.data.global_batches import Prefetch, to_global_batch  # noqa: F401 (data.* API)
-from pianist_jax.data.records import derive_seed, shard_paths  # noqa: F401 (data.* API)
+from pianist_jax.data.records import derive_seed, shard_paths
 from pianist_jax.tokenizer import (
     BOS,
     DURATION,

@@ -114,11 +114,6 @@ class Decoder(nnx.Module):
         """Per-layer cross-attention keys/values: computed once per encoded window."""
         return [layer.cross_attn.keys_values(enc_states, None) for layer in self.layers]
 
-    def __call__(self, ids, cross_kv, enc_mask, note_states=None):
-        """Logits ``[B, T, vocab]`` in float32 of a whole block (no cache)."""
-        x, table = self.hidden(ids, cross_kv, enc_mask, note_states)
-        return self.project(x, table)
-
     def project(self, x: jax.Array, table: jax.Array) -> jax.Array:
         """Final states ``[..., H]`` times embedding rows ``table [V, H]`` -> soft-capped float32
         logits ``[..., V]`` (the tied output projection)."""

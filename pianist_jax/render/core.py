@@ -115,7 +115,8 @@ def make_window_fn(
         cfg, dec = model.cfg, model.decoder
         b = enc_ids.shape[0]
         states, enc_mask = model.encode(enc_ids)
-        cross, cross_mask = dec.cross_cache(states), enc_mask[:, None, :]
+        cache = model.init_cache(states, tokens)  # empty self-attention + cross K/V, once
+        full, cross, cross_mask = cache["layers"], cache["cross"], enc_mask[:, None, :]
         table = use_weight(dec.embed_tokens, cfg.dtype)
         out_tables = {kind: table[lo : lo + n] for kind, (lo, n) in TABLES.items()}
         uniforms = _uniforms(row_keys, first_note, notes)  # [B, notes, 8], drawn up front
@@ -138,8 +139,6 @@ def make_window_fn(
                 logits = jnp.where((index >= lo) & (index < hi), logits, -jnp.inf)
             u = jax.lax.dynamic_index_in_dim(uniforms, note_index, 1, False)[:, slot]
             return sample(logits, u, temperature[:, slot], top_p[:, slot]) + start
-
-        full = model.init_cache(states, tokens)["layers"]
 
         def prefix(caches, n):  # the first n positions of each cache
             return [(k[:, :, :n], v[:, :n]) for k, v in caches]

@@ -36,7 +36,6 @@ from pianist_jax.midi import tempo_map
 from pianist_jax.model import PianistTransformer
 from pianist_jax.render import core as render_core
 from pianist_jax.render import decoding
-from pianist_jax.render.core import SEGMENT_NOTES
 from pianist_jax.tokenizer import TOKENS_PER_NOTE
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default"
@@ -89,10 +88,10 @@ class Renderer:
         shift: int = 256,
         tail: float = 0.2,
     ):
-
-        if (window > SEGMENT_NOTES and window % SEGMENT_NOTES) or not 0 < shift < window:
+        segment = render_core.SEGMENT_NOTES
+        if (window > segment and window % segment) or not 0 < shift < window:
             raise RenderError(
-                f"window ({window} notes) must be <= {SEGMENT_NOTES} or a "
+                f"window ({window} notes) must be <= {segment} or a "
                 f"multiple of it, and 0 < shift ({shift}) < window"
             )
         model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL
@@ -132,7 +131,6 @@ class Renderer:
 
     def _fn(self, batch: int, notes: int, prime: int):
         """The compiled window function for this shape (compiled ahead of time, timed)."""
-
         key = (batch, notes, prime)
         if key not in self._compiled:
             t0 = time.perf_counter()
@@ -264,7 +262,6 @@ def row_key(score_ids: np.ndarray, seed: int) -> np.ndarray:
     """The raw PRNG key of one rendering: ``seed`` folded with a CRC-32 of the score's ids.
     With the seed alone every file of a batch drew the same numbers note by note, so the
     noise, not the score, set (say) each note's loudness alike across pieces."""
-
     digest = zlib.crc32(np.ascontiguousarray(score_ids, np.int32).tobytes()) & 0x7FFFFFFF
     return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(seed), digest)))
 

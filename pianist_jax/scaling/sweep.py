@@ -197,7 +197,6 @@ def plan(spec: SweepSpec, corpus_tokens: int) -> list[Point]:
 def count_corpus_tokens(cfg: Config) -> int:
     """Tokens in the training sources' shards: from `<shard>.manifest.json` where present, else
     by reading the records."""
-
     total = 0
     for source in cfg.data.sources:
         for shard in data.shard_paths(source):
@@ -216,7 +215,6 @@ def count_corpus_tokens(cfg: Config) -> int:
 
 def check_shards(cfg: Config, spec: SweepSpec) -> None:
     """One clear SweepError (with the command that makes them) when shards are missing."""
-
     for source in (*cfg.data.sources, *cfg.data.eval_sources):
         try:
             data.shard_paths(source)
