@@ -21,8 +21,8 @@ from pianist_jax.artifacts import export
 from pianist_jax.config import load_config
 from pianist_jax.midi import tempo_map
 from pianist_jax.model import PianistTransformer
+from pianist_jax.render import cli, decoding
 from pianist_jax.render import core as render_core
-from pianist_jax.render import decoding
 from pianist_jax.render import renderer as render
 from pianist_jax.tokenizer import (
     BOS,
@@ -35,13 +35,17 @@ from pianist_jax.tokenizer import (
 WINDOW, SHIFT = 128, 64
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def export_tiny_model(out):
+    """A random tiny model exported to `out`: (its directory, the model)."""
     cfg = load_config(None, ["model=tiny"]).model
     model = PianistTransformer(cfg, rngs=nnx.Rngs(3))
-    out = tmp_path_factory.mktemp("model") / "tiny"
     export.write_export(out, nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg)
     return out, model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return export_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def make_score(path, n_notes: int, seed: int = 0):
@@ -65,7 +69,7 @@ def make_score(path, n_notes: int, seed: int = 0):
 
 
 def run_cli(tiny_model, *args):
-    return render.main(
+    return cli.main(
         [
             *map(str, args),
             "--model",
@@ -204,7 +208,7 @@ def test_progress_bar_and_summary_line(tiny_model, tmp_path, capsys):
     a, b = tmp_path / "a.mid", tmp_path / "b.mid"
     assert run_cli(tiny_model, score, "-o", a) == 0
     assert (
-        render.main(
+        cli.main(
             [
                 str(score),
                 "-o",
@@ -300,7 +304,7 @@ def test_bad_input_one_line_no_traceback(tiny_model, tmp_path, capsys, case):
     elif case == "out_dir_missing":
         args[2] = tmp_path / "no" / "such" / "o.mid"
     if case == "model_missing":
-        code = render.main(
+        code = cli.main(
             [str(a) for a in args] + ["--model", str(tmp_path / "nomodel"), "--no-progress"]
         )
     else:
@@ -320,11 +324,11 @@ def test_warnings_are_one_line_each(tmp_path, capsys, monkeypatch):
         warnings.warn(
             "score.mid: 3 negative rendered times clamped to 0 ms", tempo_map.TempoMapWarning
         )
-        return "rendered 0 notes"
+        return "rendered 0 notes", []
 
-    monkeypatch.setattr(render, "render_files", fake_render)
+    monkeypatch.setattr(cli, "render_files", fake_render)
     before = warnings.showwarning
-    assert render.main([str(tmp_path / "score.mid"), "--compilation-cache", ""]) == 0
+    assert cli.main([str(tmp_path / "score.mid"), "--compilation-cache", ""]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == [
         "warning: score.mid: 3 negative rendered times clamped to 0 ms",
@@ -372,7 +376,7 @@ def test_decoding_defaults_per_slot_and_overrides(tiny_model, tmp_path, capsys):
     ):
         outs[name] = tmp_path / f"{name}.mid"
         assert (
-            render.main(
+            cli.main(
                 [
                     str(score),
                     "-o",
@@ -400,7 +404,7 @@ def test_decoding_defaults_per_slot_and_overrides(tiny_model, tmp_path, capsys):
     assert decoding.parse("velocity=0.5, pedal=1") == {"velocity": 0.5, "pedal": 1.0}
     capsys.readouterr()
     assert (
-        render.main(
+        cli.main(
             [
                 str(score),
                 "-o",

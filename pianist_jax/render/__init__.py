@@ -1,3 +1,4 @@
-"""Rendering scores into performances: the windowed `Renderer` and its command line
-(`renderer`), the jitted window loop that drives the model's decoder (`core`), and per-slot
-sampling settings (`decoding`). `python -m pianist_jax.render` runs `renderer.main`."""
+"""Rendering scores into performances: the windowed `Renderer` (`renderer`), the jitted window
+loop that drives the model's decoder (`core`), per-slot sampling settings (`decoding`), and the
+command line (`cli`) with its musician's controls (`controls`), audio (`audio`) and pictures
+(`plot`). `python -m pianist_jax.render` runs `cli.main`."""

@@ -1,5 +1,5 @@
 import sys
 
-from pianist_jax.render.renderer import main
+from pianist_jax.render.cli import main
 
 sys.exit(main())

@@ -17,10 +17,7 @@ of the same model skips compiling.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -30,9 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pianist_jax import midi, tokenizer
 from pianist_jax.artifacts import export
-from pianist_jax.midi import tempo_map
 from pianist_jax.model import PianistTransformer
 from pianist_jax.render import core as render_core
 from pianist_jax.render import decoding
@@ -214,222 +209,9 @@ class Renderer:
         return out
 
 
-# --------------------------------------------------------------------------- command line
-
-
-def _read_score(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise RenderError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    try:
-        ids = tokenizer.encode_file(path)
-    except midi.MidiError as err:
-        raise RenderError(str(err)) from err
-    except OSError as err:
-        raise RenderError(f"{path}: cannot read: {err.strerror or err}") from err
-    if not len(ids):
-        raise RenderError(f"{path}: the score has no notes")
-    return ids
-
-
-def _outputs(args, scores: list[Path]) -> list[list[Path]]:
-    """Output paths per score (one per variant), checked before any work is done."""
-    if args.output and (len(scores) > 1):
-        raise RenderError("-o/--output takes one score; use --out-dir for several")
-    outs = []
-    for score in scores:
-        if args.output:
-            base = Path(args.output)
-        elif args.out_dir:
-            base = Path(args.out_dir) / f"{score.stem}.mid"
-        else:
-            base = score.with_name(f"{score.stem}.performance.mid")
-        names = (
-            [base]
-            if args.variants == 1
-            else [
-                base.with_name(f"{base.stem}-{k + 1}{base.suffix or '.mid'}")
-                for k in range(args.variants)
-            ]
-        )
-        for name in names:
-            if not name.parent.is_dir():
-                raise RenderError(f"{name}: output directory {name.parent} does not exist")
-        outs.append(names)
-    return outs
-
-
 def row_key(score_ids: np.ndarray, seed: int) -> np.ndarray:
     """The raw PRNG key of one rendering: ``seed`` folded with a CRC-32 of the score's ids.
     With the seed alone every file of a batch drew the same numbers note by note, so the
     noise, not the score, set (say) each note's loudness alike across pieces."""
     digest = zlib.crc32(np.ascontiguousarray(score_ids, np.int32).tobytes()) & 0x7FFFFFFF
     return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(seed), digest)))
-
-
-def render_files(args) -> str:
-    scores = [Path(p) for p in args.scores]
-    outputs = _outputs(args, scores)
-    ids = [_read_score(p) for p in scores]
-    t0 = time.perf_counter()
-    renderer = Renderer(
-        args.model, dtype=args.dtype, window=args.window_notes, shift=args.shift_notes
-    )
-    load = time.perf_counter() - t0
-    try:
-        temperature, top_p = decoding.parse(args.temperature), decoding.parse(args.top_p)
-    except decoding.DecodingError as err:
-        raise RenderError(str(err)) from err
-    rows, seeds, where = [], [], []
-    for i, score_ids in enumerate(ids):
-        for k in range(args.variants):
-            rows.append(score_ids)
-            seeds.append(args.seed + k)
-            where.append((i, k))
-    total = sum(len(r) // TOKENS_PER_NOTE for r in rows)
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        # tqdm's own rate and ETA would count compile time: show the rendering rate instead
-        bar = tqdm(
-            total=total,
-            unit="note",
-            desc="rendering",
-            file=sys.stderr,
-            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} notes [{elapsed}{postfix}]",
-        )
-    t_bar, compiled_before = time.perf_counter(), renderer.compile_seconds
-
-    def progress(n):
-        if bar is not None:
-            busy = time.perf_counter() - t_bar - (renderer.compile_seconds - compiled_before)
-            if busy > 0:
-                bar.set_postfix_str(f"{n / busy:.1f} notes/s without compiling", refresh=False)
-            bar.update(n - bar.n)
-
-    rendered_notes, seconds = 0, 0.0
-    results: list[np.ndarray] = []
-    for start in range(0, len(rows), args.batch_size):
-        chunk = slice(start, start + args.batch_size)
-        before = renderer.compile_seconds
-        t1 = time.perf_counter()
-        base = rendered_notes
-
-        def step(n, base=base):
-            progress(base + n)
-
-        results += renderer.render_ids(
-            rows[chunk], seeds[chunk], temperature=temperature, top_p=top_p, progress=step
-        )
-        seconds += time.perf_counter() - t1 - (renderer.compile_seconds - before)
-        rendered_notes = sum(len(r) // TOKENS_PER_NOTE for r in results)
-    if bar is not None:
-        bar.close()
-    for perf, (i, k) in zip(results, where):
-        out = outputs[i][k]
-        notes = tokenizer.decode_ids(perf, ids[i])
-        if args.tempo_map:
-            tempo_map.write_tempo_mapped(scores[i], notes, out)
-        else:
-            midi.write_midi(notes, out)
-    rate = rendered_notes / seconds if seconds > 0 else float("inf")
-    return (
-        f"rendered {rendered_notes} notes in {seconds:.2f} s ({rate:.1f} notes/s), "
-        f"load+compile {load + renderer.compile_seconds:.1f} s"
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pianist_jax.render",
-        description=(
-            "Render score MIDI files into expressive performance MIDI (timing, dynamics, "
-            "articulation, sustain pedal); the output has exactly the score's notes."
-        ),
-    )
-    p.add_argument("scores", nargs="+", metavar="SCORE.mid", help="score MIDI file(s)")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("-o", "--output", metavar="OUT.mid", help="output file (one score)")
-    out.add_argument("--out-dir", metavar="DIR", help="write DIR/<score name>.mid")
-    p.add_argument(
-        "--model",
-        metavar="EXPORTED_DIR",
-        help="exported model directory (default: the bundled model)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument(
-        "--temperature",
-        metavar="T",
-        help="sampling temperature, 0 = greedy: a number for every slot or "
-        "kind=value pairs, e.g. velocity=0.8,pedal=1 (kinds: ioi, velocity, "
-        "duration, pedal; default: the model's decoding.json, else 1.0)",
-    )
-    p.add_argument(
-        "--top-p",
-        metavar="P",
-        help="nucleus size, the same forms (default: the model's decoding.json, else 0.95)",
-    )
-    p.add_argument(
-        "--variants",
-        type=int,
-        default=1,
-        help="N different renderings of each score (seeds seed..seed+N-1)",
-    )
-    p.add_argument(
-        "--tempo-map",
-        action="store_true",
-        help="DAW-friendly output on the score's beat grid (Expressive Tempo Mapping)",
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="rows rendered together")
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="bfloat16: parameters, activations and caches in bfloat16 (half the "
-        "bytes per step; the fast choice on GPUs and TPUs)",
-    )
-    p.add_argument("--window-notes", type=int, default=512, help=argparse.SUPPRESS)
-    p.add_argument("--shift-notes", type=int, default=256, help=argparse.SUPPRESS)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--compilation-cache",
-        metavar="DIR",
-        default=os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/pianist-jax/xla"),
-        help="persistent XLA compilation cache ('' disables; default %(default)s)",
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.variants < 1 or args.batch_size < 1:
-        print("error: --variants and --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    import warnings
-
-    if args.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    with warnings.catch_warnings():  # restored afterwards (main is also called in-process)
-        warnings.simplefilter("ignore", midi.MidiWarning)
-        # one line per warning, like the error lines (not Python's file:line + source echo)
-        warnings.showwarning = lambda message, *_, **__: print(
-            f"warning: {message}", file=sys.stderr
-        )
-        try:
-            summary = render_files(args)
-        except RenderError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        except OSError as err:  # e.g. the output became unwritable mid-run
-            print(
-                f"error: {getattr(err, 'filename', '') or ''}: {err.strerror or err}",
-                file=sys.stderr,
-            )
-            return 2
-    print(summary, file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
