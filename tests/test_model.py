@@ -10,6 +10,7 @@ from flax import nnx
 
 from pianist_jax import midi, tokenizer
 from pianist_jax.config import load_config
+from pianist_jax.config.schema import ConfigError
 from pianist_jax.model import PianistTransformer, flops_per_token, param_count
 
 
@@ -199,3 +200,22 @@ def test_note_conditioning_cache_equals_full_forward_and_uses_the_note(batch):
     assert not np.allclose(plain(enc, dec), full)  # same parameters, the switch matters
     with pytest.raises(ValueError, match="note_states"):
         model.model.decoder.embed(dec, jnp.arange(dec.shape[1]))
+
+
+def test_unread_inputs_are_read_as_mask(batch):
+    """With ``unread_inputs`` the decoder cannot see earlier velocities or pedal values: changing
+    them changes no logit, changing an earlier IOI does; cached decoding equals the full pass."""
+    enc, dec = batch
+    model = perturbed_model(tiny_cfg(unread_inputs=("velocity", "pedal")))
+    full = model(enc, dec)
+    states, mask = model.encode(enc)
+    cache = model.init_cache(states, max_length=dec.shape[1])
+    first, cache = model.decode(dec[:, :21], states, mask, cache=cache)
+    rest, cache = model.decode(dec[:, 21:], states, mask, cache=cache)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=2e-5, rtol=1e-5)
+    # decoder input p holds token p - 1: velocity of note 0 is input 3, pedal inputs 5..8
+    hidden = dec.at[:, 3].set(dec[:, 3] + 7).at[:, 5:9].set(dec[:, 5:9] + 3)
+    np.testing.assert_array_equal(model(enc, hidden), full)
+    assert not np.allclose(model(enc, dec.at[:, 2].set(dec[:, 2] + 7)), full)  # IOI is read
+    with pytest.raises(ConfigError, match="unknown kinds"):
+        tiny_cfg(unread_inputs=("loudness",))

@@ -98,13 +98,14 @@ def test_plan_windows_cover_every_note_once():
         assert plan[-1].start + plan[-1].size >= n
 
 
-@pytest.mark.parametrize("note_conditioning", [False, True])
-def test_greedy_window_equals_full_forward(tiny_model, note_conditioning):
+@pytest.mark.parametrize("switch", ["plain", "note_conditioning", "unread_inputs"])
+def test_greedy_window_equals_full_forward(tiny_model, switch):
     """Every sampled slot of a greedy (temperature 0) window, primed and with padded rows, is
     the argmax of the full model over that slot's valid range, fed the rendered tokens."""
     _, model = tiny_model
-    if note_conditioning:
-        cfg = dataclasses.replace(model.cfg, note_conditioning=True)
+    if switch != "plain":
+        value = True if switch == "note_conditioning" else ("velocity", "pedal")
+        cfg = dataclasses.replace(model.cfg, **{switch: value})
         model = PianistTransformer(cfg, rngs=nnx.Rngs(3))
     gd, params = nnx.split(model)
     rng = np.random.default_rng(0)

@@ -19,6 +19,8 @@ for relative YAML references and where presets (`model=tiny`) are found."""
 
 SLOTS_PER_NOTE = TOKENS_PER_NOTE
 """Tokens per note; the tokenizer owns the layout, the config only checks sizes against it."""
+# token slots of each kind a decoder may leave unread (ModelConfig.unread_inputs)
+UNREAD_KINDS = {"ioi": (1,), "velocity": (2,), "duration": (3,), "pedal": (4, 5, 6, 7)}
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -65,6 +67,11 @@ class ModelConfig:
     # small model trained briefly does not learn: it then ignores the score's dynamics and
     # tempo. No extra parameters; false = the reference architecture (reference weights).
     note_conditioning: bool = False
+    # Slot kinds (velocity, pedal, ioi, duration) whose tokens the decoder reads as MASK: it
+    # still predicts them, but never conditions on earlier notes' values, so at rendering time
+    # its own samples cannot feed back (a drifting loudness, a pedal that stays down); those
+    # slots then follow the score and the timing. () = the reference architecture.
+    unread_inputs: tuple[str, ...] = ()
     dtype: DType = "bfloat16"  # activations / matmuls
     param_dtype: DType = "float32"  # stored parameters and optimizer state
 
@@ -97,6 +104,12 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"model.{name} must be > 0 or null, got {value}")
+        unknown = set(self.unread_inputs) - set(UNREAD_KINDS)
+        if unknown:
+            raise ConfigError(
+                f"model.unread_inputs: unknown kinds {sorted(unknown)} "
+                f"(choose from {', '.join(UNREAD_KINDS)})"
+            )
 
     @property
     def slot_dim(self) -> int:

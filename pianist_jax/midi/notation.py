@@ -70,8 +70,16 @@ def is_notation(path) -> bool:
     return Path(path).suffix.lower() in FORMATS
 
 
+@contextlib.contextmanager
+def _quiet():
+    """partitura's chatter (prints, parser and unfolding warnings) stays out of the user's way."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _load(path: Path):
-    """partitura's Score; its chatter (prints, parser warnings) stays out of the user's way."""
+    """partitura and its Score of the file."""
     import partitura  # a second to import: only when a notation file is read
 
     loaders = {
@@ -81,8 +89,7 @@ def _load(path: Path):
     }
     kind = FORMATS[path.suffix.lower()]
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with _quiet():
             return partitura, loaders[kind](str(path))
     except Exception as err:  # noqa: BLE001 - lxml, zipfile and partitura raise many types
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -169,7 +176,9 @@ def _played_part(pt, part, unfold: bool):
         if p.end is not None:
             pedal.append((float(qmap(p.end.t)), 0))
     vel = _velocities(pt, part, notes["onset_quarter"].astype(np.float64))
-    return onset, duration, notes["pitch"].astype(np.int64), vel, tempos, sigs, pedal
+    measures = list(part.iter_all(pt.score.Measure))
+    first_bar = float(qmap(measures[0].start.t)) if measures else 0.0
+    return onset, duration, notes["pitch"].astype(np.int64), vel, tempos, sigs, pedal, first_bar
 
 
 def read_notation(path, *, unfold: bool = True) -> PlayedScore:
@@ -188,10 +197,11 @@ def read_notation(path, *, unfold: bool = True) -> PlayedScore:
     skipped = [_name(p) for p in parts if p not in played]
     for name in skipped:
         warnings.warn(f"{path}: skipped part {name}: not a keyboard part", NotationWarning)
-    cols = [[] for _ in range(7)]
+    cols = [[] for _ in range(8)]
     for part in played:
         try:
-            got = _played_part(pt, part, unfold)
+            with _quiet():
+                got = _played_part(pt, part, unfold)
         except (RecursionError, ValueError, KeyError, AttributeError) as err:
             raise NotationError(path, f"cannot unfold part {_name(part)}: {err}") from err
         for col, value in zip(cols, got):
@@ -199,9 +209,8 @@ def read_notation(path, *, unfold: bool = True) -> PlayedScore:
     onset, duration = np.concatenate(cols[0]), np.concatenate(cols[1])
     if not len(onset):
         raise NotationError(path, "the score has no notes")
-    origin = min(
-        onset.min(), 0.0
-    )  # from the first full bar, as ASAP's scores are (leading rests kept)
+    # time 0 is where the first bar starts (leading rests kept, as in ASAP's score MIDIs)
+    origin = min(onset.min(), *cols[7])
     tempos = sorted({(max(t - origin, 0.0), q) for part in cols[4] for t, q in part})
     if not tempos:
         warnings.warn(

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from pianist_jax.config import load_config
-from pianist_jax.config.schema import SLOTS_PER_NOTE, ModelConfig
+from pianist_jax.config.schema import SLOTS_PER_NOTE, UNREAD_KINDS, ModelConfig
 from pianist_jax.model.layers import (
     DecoderLayer,
     EncoderLayer,
@@ -41,7 +41,7 @@ from pianist_jax.model.layers import (
     use_weight,
     window_mask,
 )
-from pianist_jax.tokenizer import PAD, SLOT_RANGES
+from pianist_jax.tokenizer import MASK, PAD, SLOT_RANGES
 
 
 def _slot_groups() -> tuple[tuple[tuple[int, ...], int, int], ...]:
@@ -125,9 +125,14 @@ class Decoder(nnx.Module):
     ) -> jax.Array:
         """Input states of ``ids [B, T]`` at token ``positions [T]``: the scaled embedding
         (rows of ``table``, default the stored one), plus (``note_conditioning``) the encoder
-        state of note ``position // 8`` from ``note_states [B, N, H]``."""
+        state of note ``position // 8`` from ``note_states [B, N, H]``; tokens of the
+        ``unread_inputs`` kinds are read as MASK."""
         cfg, dtype = self.cfg, self.cfg.dtype
         table = self.embed_tokens[...] if table is None else table
+        if cfg.unread_inputs:  # input p holds token p - 1; position 0 (BOS) is always read
+            slots = [s for kind in cfg.unread_inputs for s in UNREAD_KINDS[kind]]
+            unread = jnp.isin((positions - 1) % SLOTS_PER_NOTE, jnp.asarray(slots))
+            ids = jnp.where(unread & (positions > 0), MASK, ids)
         x = jnp.take(table, ids, axis=0) * jnp.asarray(math.sqrt(cfg.hidden), dtype)
         if cfg.note_conditioning:
             if note_states is None:
