@@ -24,6 +24,8 @@ MAX_IOI_MS = 4990  # IOI ids stop at 261 + 4990; also the pedal gap assumed afte
 MIN_RENDER_IOI_MS = 5  # a rendering keeps IOI >= 5 ms where the score's IOI is > 0
 
 SLOT_NAMES = ("pitch", "ioi", "velocity", "duration", "pedal1", "pedal2", "pedal3", "pedal4")
+# token slot -> kind, as sampling settings and model switches name them (the pitch has none)
+SLOT_KIND = (None, "ioi", "velocity", "duration", "pedal", "pedal", "pedal", "pedal")
 PITCH, IOI, VELOCITY, DURATION = 0, 1, 2, 3
 # Valid id range [lo, hi) of each slot: clamp when encoding, mask when sampling.
 SLOT_RANGES = np.array(
@@ -54,6 +56,16 @@ def pedal_sample_points(onset: np.ndarray, gap_next: np.ndarray) -> np.ndarray:
     """[N, 4] times floor(onset + gap * k / 4), k = 0..3: where encoding samples the pedal and
     decoding places it, so the two always agree (exact integer arithmetic)."""
     return onset[:, None] + (gap_next[:, None] * np.arange(4)) // 4
+
+
+def pedal_changes(onset: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CC64 events of notes at `onset` whose 4 pedal samples are `values [N, 4]`: placed at the
+    sample points (the last note's gap counts as MAX_IOI_MS), repeats of a value dropped."""
+    gap_next = np.append(np.diff(onset), MAX_IOI_MS)
+    when = pedal_sample_points(onset, gap_next).reshape(-1)
+    value = np.asarray(values).reshape(-1)
+    changed = value != np.concatenate([[0], value[:-1]])
+    return when[changed], value[changed]
 
 
 def encode_notes(notes: midi.Notes) -> np.ndarray:
@@ -137,17 +149,14 @@ def decode_ids(ids, score_ids=None) -> midi.Notes:
         ioi = np.where(ref[:, IOI] - TIME_START > 0, np.maximum(ioi, MIN_RENDER_IOI_MS), ioi)
     ioi = _stretch_capped_gaps(ioi, tok[:, DURATION], tok[:, PITCH])
     onset = np.cumsum(ioi)
-    gap_next = np.append(ioi[1:], MAX_IOI_MS)
-    when = pedal_sample_points(onset, gap_next).reshape(-1)
-    value = tok[:, 4:].reshape(-1)
-    changed = value != np.concatenate([[0], value[:-1]])
+    pedal_ms, pedal_value = pedal_changes(onset, tok[:, 4:])
     return midi.Notes(
         onset=onset,
         offset=onset + tok[:, DURATION],
         pitch=tok[:, PITCH],
         velocity=tok[:, VELOCITY],
-        pedal_ms=when[changed],
-        pedal_value=value[changed],
+        pedal_ms=pedal_ms,
+        pedal_value=pedal_value,
     )
 
 

@@ -154,7 +154,7 @@ def test_second_non_keyboard_part_is_skipped_with_a_warning(tmp_path):
 def test_no_tempo_mark_warns_and_uses_120(tmp_path):
     ms = [measure(1, attributes(staves=1), note("C4", 4), note("D4", 4))]
     path = write(tmp_path, "t.musicxml", ("Piano", ms))
-    with pytest.warns(notation.NotationWarning, match="no tempo; playing it at 120"):
+    with pytest.warns(notation.NotationWarning, match="no tempo; reading it at 120"):
         notes = midi.read_midi(path, notation.score_midi_bytes(path))
     assert notes.onset.tolist() == [0, 500] and set(notes.velocity.tolist()) == {80}
 
@@ -193,3 +193,34 @@ def test_asap_musicxml_matches_its_score_midi(shared_data):
     asap = midi.read_midi(piece / "midi_score.mid")
     assert np.array_equal(ours.pitch, asap.pitch)
     assert np.array_equal(ours.onset, asap.onset) and np.array_equal(ours.offset, asap.offset)
+
+
+def test_a_lone_non_keyboard_part_is_played_with_a_warning(tmp_path):
+    ms = [measure(1, attributes(staves=1), metronome(60), note("A4", 16))]
+    path = write(tmp_path, "solo.musicxml", ("Violin", ms))
+    with pytest.warns(notation.NotationWarning, match=r"playing part 'Violin' \(P1\) on the piano"):
+        played = notation.read_notation(path)
+    assert played.pitch.tolist() == [midi_pitch("A4")]
+
+
+def test_grace_note_before_the_first_beat_keeps_the_bar_grid(tmp_path):
+    ms = [
+        measure(1, attributes(staves=1), metronome(60), note("D5", 0, grace=True), note("C5", 16)),
+        measure(2, note("E5", 16)),
+    ]
+    path = write(tmp_path, "g.musicxml", ("Piano", ms))
+    played = notation.read_notation(path)
+    assert played.onset.min() == 0 and played.time_signatures[0][0] == 0
+    assert played.tempos[0] == (0.0, pytest.approx(60.0)) and len(played.tempos) == 1
+    e5 = played.onset[played.pitch == midi_pitch("E5")]
+    assert e5.tolist() == [4.0]  # bar 2 starts 4 quarters after bar 1, as written
+
+
+def test_printed_dynamics_and_sound_dynamics_combine(tmp_path):
+    sounded = direction("<dynamics><ff/></dynamics>", '<sound dynamics="124.44"/>')
+    ms = [
+        measure(1, attributes(staves=1), dynamic("pp"), note("C4", 16)),
+        measure(2, sounded, note("D4", 16)),
+    ]
+    notes = read(write(tmp_path, "d.musicxml", ("Piano", ms)))
+    assert notes.velocity.tolist() == [33, 112]  # pp from its text, ff from <sound> (124.44%)

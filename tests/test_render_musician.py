@@ -103,7 +103,7 @@ def test_tempo_dynamics_and_pedal_controls():
     moved = controls.apply(perf, marked, controls.Controls(pedal="score"))
     assert moved.pedal_ms.tolist() == [perf.onset[5], perf.onset[20]]
     assert moved.pedal_value.tolist() == [127, 0]
-    with pytest.raises(ValueError, match="tempo must be > 0"):
+    with pytest.raises(ValueError, match="tempo must be between 0.25 and 4"):
         controls.Controls(tempo=0)
     with pytest.raises(ValueError, match="note-aligned"):
         controls.apply(perf, dataclasses.replace(score, pitch=score.pitch + 1), controls.Controls())
@@ -151,7 +151,7 @@ def test_tempo_map_and_controls_compose_with_musicxml(tiny_model, tmp_path):
     [
         (["--audio", "x.mp3"], "audio must end in .wav, .flac"),
         (["--plot", "x.jpg"], "plot must end in .png"),
-        (["--expressiveness", "-1"], "expressiveness must be >= 0"),
+        (["--expressiveness", "-1"], "expressiveness must be between 0 and 4"),
         (["--variants", "2", "--audio", "one.wav"], "names one file for 2 outputs"),
     ],
 )
@@ -161,3 +161,24 @@ def test_bad_musician_options_fail_before_rendering(tiny_model, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o.mid").exists()
+
+
+def test_exaggerated_expressiveness_keeps_every_repeated_note(tmp_path):
+    """Gaps the score has stay >= the renderer's floor however far they are exaggerated."""
+    n = 8
+    s_on = np.arange(n) * 100
+    none = np.zeros(0, int)
+    score = midi.Notes(s_on, s_on + 90, np.full(n, 60), np.full(n, 64), none, none)
+    p_on = np.cumsum([0] + [180, 20] * 3 + [180])
+    perf = dataclasses.replace(score, onset=p_on, offset=p_on + 15)
+    loud = controls.apply(perf, score, controls.Controls(expressiveness=4.0))
+    assert np.all(np.diff(loud.onset) >= tokenizer.MIN_RENDER_IOI_MS)
+    midi.write_midi(loud, tmp_path / "x.mid")
+    assert len(midi.read_midi(tmp_path / "x.mid")) == n
+
+
+def test_unread_inputs_from_an_exported_yaml_list_is_a_tuple():
+    from pianist_jax.config.schema import ModelConfig
+
+    cfg = ModelConfig(unread_inputs=["velocity", "pedal"])
+    assert cfg.unread_inputs == ("velocity", "pedal") and hash(cfg)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pianist_jax.tokenizer import TOKENS_PER_NOTE, VOCAB_SIZE
+from pianist_jax.tokenizer import SLOT_KIND, TOKENS_PER_NOTE, VOCAB_SIZE
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 """The shipped configs (package data; `configs/` in a checkout links here): the fallback base
@@ -19,8 +19,6 @@ for relative YAML references and where presets (`model=tiny`) are found."""
 
 SLOTS_PER_NOTE = TOKENS_PER_NOTE
 """Tokens per note; the tokenizer owns the layout, the config only checks sizes against it."""
-# token slots of each kind a decoder may leave unread (ModelConfig.unread_inputs)
-UNREAD_KINDS = {"ioi": (1,), "velocity": (2,), "duration": (3,), "pedal": (4, 5, 6, 7)}
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -104,11 +102,15 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"model.{name} must be > 0 or null, got {value}")
-        unknown = set(self.unread_inputs) - set(UNREAD_KINDS)
+        if isinstance(self.unread_inputs, str):
+            raise ConfigError("model.unread_inputs is a list of kinds, e.g. [velocity, pedal]")
+        object.__setattr__(self, "unread_inputs", tuple(self.unread_inputs))  # YAML/JSON lists
+        kinds = [k for k in dict.fromkeys(SLOT_KIND) if k]
+        unknown = set(self.unread_inputs) - set(kinds)
         if unknown:
             raise ConfigError(
                 f"model.unread_inputs: unknown kinds {sorted(unknown)} "
-                f"(choose from {', '.join(UNREAD_KINDS)})"
+                f"(choose from {', '.join(kinds)})"
             )
 
     @property

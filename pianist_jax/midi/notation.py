@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class NotationWarning(UserWarning):
 
 @dataclass(frozen=True)
 class PlayedScore:
-    """What a player plays, on one timeline in quarter notes from the first sounding note."""
+    """What a player plays, on one timeline in quarter notes from the start of the first bar."""
 
     onset: np.ndarray  # float64 [N] quarters
     duration: np.ndarray  # float64 [N] quarters
@@ -78,9 +79,28 @@ def _quiet():
         yield
 
 
+def _import_partitura():
+    """partitura, imported on first use (it takes a second). With the pyfluidsynth bindings
+    installed, partitura 1.9.0 downloads a SoundFont over FTP while it is imported (offline:
+    a crash); hiding the bindings for that moment keeps the import offline and quiet."""
+    hide = "fluidsynth" not in sys.modules
+    if hide:
+        sys.modules["fluidsynth"] = None  # `import fluidsynth` now raises ImportError
+    try:
+        with _quiet():
+            import partitura
+    finally:
+        if hide:
+            del sys.modules["fluidsynth"]
+    return partitura
+
+
 def _load(path: Path):
     """partitura and its Score of the file."""
-    import partitura  # a second to import: only when a notation file is read
+    try:
+        partitura = _import_partitura()
+    except Exception as err:  # noqa: BLE001 - a broken install: one line, not a traceback
+        raise NotationError(path, f"cannot import partitura: {err}") from err
 
     loaders = {
         "musicxml": lambda p: partitura.load_musicxml(p, force_note_ids=True),
@@ -108,16 +128,14 @@ def _name(part) -> str:
 def _velocities(pt, part, onset_q: np.ndarray) -> np.ndarray:
     """Dynamic marks as MuseScore plays them: a level per mark, hairpins ramp to the next."""
     qmap = part.quarter_map
-    marks = [
-        (float(qmap(d.start.t)), round(d.velocity * 0.9)) for d in part.iter_all(pt.score.Dynamic)
-    ]
-    if not marks:  # no <sound dynamics>: read the marks' text
-        marks = [
-            (float(qmap(d.start.t)), DYNAMIC_VELOCITY[d.text])
-            for d in part.iter_all(pt.score.LoudnessDirection, include_subclasses=True)
-            if d.text in DYNAMIC_VELOCITY
-        ]
-    marks.sort()
+    by_time = {  # printed marks, then the notation program's own <sound dynamics> over them
+        float(qmap(d.start.t)): DYNAMIC_VELOCITY[d.text]
+        for d in part.iter_all(pt.score.LoudnessDirection, include_subclasses=True)
+        if d.text in DYNAMIC_VELOCITY
+    }
+    sounded = part.iter_all(pt.score.Dynamic)  # velocity: % of forte (90)
+    by_time |= {float(qmap(d.start.t)): round(d.velocity * 0.9) for d in sounded}
+    marks = sorted(by_time.items())
     times = np.array([t for t, _ in marks] or [0.0])
     levels = np.array([v for _, v in marks] or [DEFAULT_VELOCITY], dtype=np.float64)
     idx = np.searchsorted(times, onset_q, side="right") - 1
@@ -191,6 +209,11 @@ def read_notation(path, *, unfold: bool = True) -> PlayedScore:
     pt, score = _load(path)
     parts = list(pt.score.iter_parts(score.parts))
     played = [p for p in parts if _is_keyboard(p)] if len(parts) > 1 else parts
+    if len(parts) == 1 and not _is_keyboard(parts[0]):
+        warnings.warn(
+            f"{path}: playing part {_name(parts[0])} on the piano: it is not a keyboard part",
+            NotationWarning,
+        )
     if not played:
         names = ", ".join(_name(p) for p in parts)
         raise NotationError(path, f"no keyboard part to play (parts: {names})")
@@ -202,20 +225,25 @@ def read_notation(path, *, unfold: bool = True) -> PlayedScore:
         try:
             with _quiet():
                 got = _played_part(pt, part, unfold)
-        except (RecursionError, ValueError, KeyError, AttributeError) as err:
-            raise NotationError(path, f"cannot unfold part {_name(part)}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - partitura raises many types on odd scores
+            text = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise NotationError(path, f"cannot read part {_name(part)}: {text}") from err
         for col, value in zip(cols, got):
             col.append(value)
     onset, duration = np.concatenate(cols[0]), np.concatenate(cols[1])
     if not len(onset):
         raise NotationError(path, "the score has no notes")
-    # time 0 is where the first bar starts (leading rests kept, as in ASAP's score MIDIs)
-    origin = min(onset.min(), *cols[7])
+    # time 0 is where the first bar starts (leading rests kept, as in ASAP's score MIDIs); grace
+    # notes before it are played from it, on the beat
+    origin = min(cols[7])
+    early = onset < origin
+    if early.any():
+        onset[early] += origin - onset[early].min()
     tempos = sorted({(max(t - origin, 0.0), q) for part in cols[4] for t, q in part})
     if not tempos:
         warnings.warn(
-            f"{path}: the score gives no tempo; playing it at {DEFAULT_QPM:g} quarter notes "
-            "per minute (the model sets its own tempo from the music)",
+            f"{path}: the score gives no tempo; reading it at {DEFAULT_QPM:g} quarter notes "
+            "per minute (add a metronome mark, or scale the result with --tempo)",
             NotationWarning,
         )
     if not tempos or tempos[0][0] > 0:
@@ -274,6 +302,10 @@ def to_midi(score: PlayedScore) -> mido.MidiFile:
 
 def score_midi_bytes(path, *, unfold: bool = True) -> bytes:
     """The score MIDI file of a notation file, as bytes (`midi.read_midi(path, data)` reads it)."""
+    played = read_notation(path, unfold=unfold)
     buf = io.BytesIO()
-    to_midi(read_notation(path, unfold=unfold)).save(file=buf)
+    try:
+        to_midi(played).save(file=buf)
+    except (ValueError, TypeError) as err:  # e.g. a time signature MIDI cannot hold
+        raise NotationError(path, f"cannot write its score MIDI: {err}") from err
     return buf.getvalue()

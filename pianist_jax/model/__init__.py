@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from pianist_jax.config import load_config
-from pianist_jax.config.schema import SLOTS_PER_NOTE, UNREAD_KINDS, ModelConfig
+from pianist_jax.config.schema import SLOTS_PER_NOTE, ModelConfig
 from pianist_jax.model.layers import (
     DecoderLayer,
     EncoderLayer,
@@ -41,7 +41,7 @@ from pianist_jax.model.layers import (
     use_weight,
     window_mask,
 )
-from pianist_jax.tokenizer import MASK, PAD, SLOT_RANGES
+from pianist_jax.tokenizer import MASK, PAD, SLOT_KIND, SLOT_RANGES
 
 
 def _slot_groups() -> tuple[tuple[tuple[int, ...], int, int], ...]:
@@ -130,7 +130,7 @@ class Decoder(nnx.Module):
         cfg, dtype = self.cfg, self.cfg.dtype
         table = self.embed_tokens[...] if table is None else table
         if cfg.unread_inputs:  # input p holds token p - 1; position 0 (BOS) is always read
-            slots = [s for kind in cfg.unread_inputs for s in UNREAD_KINDS[kind]]
+            slots = [s for s, kind in enumerate(SLOT_KIND) if kind in cfg.unread_inputs]
             unread = jnp.isin((positions - 1) % SLOTS_PER_NOTE, jnp.asarray(slots))
             ids = jnp.where(unread & (positions > 0), MASK, ids)
         x = jnp.take(table, ids, axis=0) * jnp.asarray(math.sqrt(cfg.hidden), dtype)

@@ -65,6 +65,10 @@ class AudioError(RuntimeError):
     """Audio could not be made; `str()` is one line a user can act on."""
 
 
+class SetupError(AudioError):
+    """No synthesizer or no SoundFont: nothing can be synthesized until it is installed."""
+
+
 def find_soundfont(explicit: str | os.PathLike | None = None) -> Path:
     """The SoundFont to use: `explicit` (--soundfont), else $PIANIST_JAX_SOUNDFONT, else the
     first of `SOUNDFONT_SEARCH` that exists. A path given but missing is an error."""
@@ -73,13 +77,13 @@ def find_soundfont(explicit: str | os.PathLike | None = None) -> Path:
         if given:
             path = Path(given).expanduser()
             if not path.is_file():
-                raise AudioError(f"SoundFont not found: {path} (from {origin})")
+                raise SetupError(f"SoundFont not found: {path} (from {origin})")
             return path
     for pattern in SOUNDFONT_SEARCH:
         for path in sorted(glob.glob(os.path.expanduser(pattern))):
             if os.path.isfile(path):  # follows symlinks (default-GM.sf2 is one)
                 return Path(path)
-    raise AudioError(INSTALL_SOUNDFONT)
+    raise SetupError(INSTALL_SOUNDFONT)
 
 
 def synthesize(
@@ -99,7 +103,7 @@ def synthesize(
         raise AudioError(f"sample rate {sample_rate} Hz outside fluidsynth's 8000..96000")
     exe = shutil.which("fluidsynth")
     if exe is None:
-        raise AudioError(INSTALL_FLUIDSYNTH)
+        raise SetupError(INSTALL_FLUIDSYNTH)
     sf2 = find_soundfont(soundfont)
     _check_soundfont(sf2)
     if not midi_path.is_file():
@@ -138,9 +142,9 @@ def _check_soundfont(path: Path) -> None:
         with open(path, "rb") as f:
             head = f.read(12)
     except OSError as e:
-        raise AudioError(f"cannot read SoundFont {path}: {e.strerror}") from None
+        raise SetupError(f"cannot read SoundFont {path}: {e.strerror}") from None
     if head[:4] != b"RIFF" or head[8:12] != b"sfbk":
-        raise AudioError(f"{path} is not a SoundFont (.sf2/.sf3); pass another with --soundfont")
+        raise SetupError(f"{path} is not a SoundFont (.sf2/.sf3); pass another with --soundfont")
 
 
 def _write_padded(midi_path: Path, dst: Path) -> float:

@@ -55,8 +55,10 @@ def read_score(path: Path, unfold: bool = True) -> Score:
         elif suffix in (".mid", ".midi", ".kar", ".smf") or not suffix:
             data = path.read_bytes()
         else:
+            hint = " (MuseScore: File > Export > MusicXML)" if suffix in (".mscz", ".mscx") else ""
             raise RenderError(
-                f"{path}: unsupported score format {suffix!r} (use {', '.join(SCORE_SUFFIXES)})"
+                f"{path}: unsupported score format {suffix!r} "
+                f"(use {', '.join(SCORE_SUFFIXES)}){hint}"
             )
         notes = midi.read_midi(path, data)
     except (midi.MidiError, notation.NotationError) as err:
@@ -78,6 +80,8 @@ def _companion(arg, outputs: list[Path], suffixes: dict, what: str) -> list[Path
     if arg.lower().lstrip(".") in {s.lstrip(".") for s in suffixes}:
         return [o.with_suffix("." + arg.lower().lstrip(".")) for o in outputs]
     path = Path(arg)
+    if path.suffix.lower() in SCORE_SUFFIXES:
+        raise RenderError(f"--{what} {arg}: that is a score; put --{what} after the scores")
     if path.suffix.lower() not in suffixes:
         raise RenderError(f"{path}: {what} must end in {', '.join(suffixes)}")
     if len(outputs) > 1:
@@ -192,22 +196,24 @@ def render_files(args) -> tuple[str, list[str]]:
     if bar is not None:
         bar.close()
     errors: list[str] = []
+    no_synth = False
     with tempfile.TemporaryDirectory() as workdir:
         for n, (perf, (i, k)) in enumerate(zip(results, rows)):
             score, out = scores[i], outputs[i][k]
             notes = controls.apply(tokenizer.decode_ids(perf, score.ids), score.notes, ctrl)
             _write(args, score, notes, out, Path(workdir))
-            if args.save_score_midi:
+            if args.save_score_midi and k == 0:
                 out.with_suffix(".score.mid").write_bytes(score.midi_bytes)
             if plot_paths:
                 plot.plot_performance(
                     notes, score.notes, plot_paths[n], score_beats_ms=score.beats_ms()
                 )
-            if audio_paths and not errors:  # one missing synthesizer: one error line
+            if audio_paths and not no_synth:
                 try:
                     audio.synthesize(out, audio_paths[n], soundfont=args.soundfont)
                 except audio.AudioError as err:
                     errors.append(f"{audio_paths[n]}: {err} (the MIDI file was written)")
+                    no_synth = isinstance(err, audio.SetupError)  # one line, not one per file
     rate = done / seconds if seconds > 0 else float("inf")
     summary = (
         f"rendered {done} notes in {seconds:.2f} s ({rate:.1f} notes/s), "

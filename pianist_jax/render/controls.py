@@ -11,7 +11,8 @@ note-aligned (note i of the rendering performs score note i, in the score's orde
 - tempo t: the performance t times as fast (rubato kept).
 - dynamics d: velocity deviations from the piece's mean scaled by d.
 - pedal: the model's, none, or the score's own (its pedal marks, placed on the performance's
-  clock).
+  clock). Under `expressiveness` the pedal's depth interpolates too, so where the score has no
+  pedal the model's (binary) pedal is kept from x = 0.5 up.
 """
 
 from __future__ import annotations
@@ -33,12 +34,10 @@ class Controls:
     pedal: str = "model"
 
     def __post_init__(self):
-        if not np.isfinite(self.expressiveness) or self.expressiveness < 0:
-            raise ValueError(f"expressiveness must be >= 0, not {self.expressiveness}")
-        if not np.isfinite(self.tempo) or self.tempo <= 0:
-            raise ValueError(f"tempo must be > 0, not {self.tempo}")
-        if not np.isfinite(self.dynamics) or self.dynamics < 0:
-            raise ValueError(f"dynamics must be >= 0, not {self.dynamics}")
+        for name, lo, hi in (("expressiveness", 0, 4), ("tempo", 0.25, 4), ("dynamics", 0, 4)):
+            value = getattr(self, name)
+            if not lo <= value <= hi:  # also rejects NaN
+                raise ValueError(f"{name} must be between {lo} and {hi}, not {value}")
         if self.pedal not in PEDAL_CHOICES:
             raise ValueError(f"pedal must be one of {', '.join(PEDAL_CHOICES)}, not {self.pedal!r}")
 
@@ -51,19 +50,25 @@ def _iois(onset: np.ndarray) -> np.ndarray:
     return np.diff(onset.astype(np.float64), prepend=0.0)
 
 
-def _pedal_samples(notes: midi.Notes, onset: np.ndarray) -> np.ndarray:
+def _pedal_samples(notes: midi.Notes) -> np.ndarray:
     """[N, 4] CC64 values where the tokenizer samples the pedal, on `notes`' own clock."""
-    gap = np.append(np.diff(onset), tokenizer.MAX_IOI_MS)
-    return tokenizer.pedal_at(notes, tokenizer.pedal_sample_points(onset, gap))
+    gap = np.append(np.diff(notes.onset), tokenizer.MAX_IOI_MS)
+    return tokenizer.pedal_at(notes, tokenizer.pedal_sample_points(notes.onset, gap))
 
 
-def _pedal_events(onset: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Values at the 4 sample points of each note (new clock) -> CC64 changes only."""
-    gap = np.append(np.diff(onset), tokenizer.MAX_IOI_MS)
-    when = tokenizer.pedal_sample_points(onset, gap).reshape(-1)
-    value = values.reshape(-1)
-    changed = value != np.concatenate([[0], value[:-1]])
-    return when[changed], value[changed]
+def performance_times(performance: midi.Notes, score: midi.Notes, score_ms) -> np.ndarray:
+    """Times on the score's clock -> the performance's: piecewise linear through the first
+    note of each distinct score onset (kept monotone), the last piece extended."""
+    s_on, first = np.unique(score.onset, return_index=True)
+    p_on = np.maximum.accumulate(performance.onset[first].astype(np.float64))
+    score_ms = np.asarray(score_ms, np.float64)
+    if len(s_on) == 1:
+        return p_on[0] + (score_ms - s_on[0])
+    when = np.interp(score_ms, s_on, p_on)
+    slope = (p_on[-1] - p_on[-2]) / max(s_on[-1] - s_on[-2], 1)
+    late = score_ms > s_on[-1]
+    when[late] = p_on[-1] + slope * (score_ms[late] - s_on[-1])
+    return when
 
 
 def blend(performance: midi.Notes, score: midi.Notes, x: float) -> midi.Notes:
@@ -83,13 +88,13 @@ def blend(performance: midi.Notes, score: midi.Notes, x: float) -> midi.Notes:
         s_dur = np.maximum(score.duration, 1).astype(np.float64)
         p_dur = np.maximum(performance.duration, 1).astype(np.float64)
         duration = s_dur * scale * (p_dur / (overall * s_dur)) ** x
+    # exaggerated gaps never close: a repeated note stays a note (the renderer's floor)
+    ioi = np.where(s_ioi > 0, np.maximum(ioi, tokenizer.MIN_RENDER_IOI_MS), ioi)
     onset = np.rint(np.cumsum(ioi)).astype(np.int64)
     velocity = np.rint(score.velocity + x * (performance.velocity - score.velocity))
-    pedal = np.rint(
-        _pedal_samples(score, score.onset)
-        + x * (_pedal_samples(performance, performance.onset) - _pedal_samples(score, score.onset))
-    )
-    pedal_ms, pedal_value = _pedal_events(onset, np.clip(pedal, 0, 127).astype(np.int64))
+    s_pedal = _pedal_samples(score)
+    pedal = np.rint(s_pedal + x * (_pedal_samples(performance) - s_pedal))
+    pedal_ms, pedal_value = tokenizer.pedal_changes(onset, np.clip(pedal, 0, 127).astype(np.int64))
     return midi.Notes(
         onset=onset,
         offset=onset + np.maximum(np.rint(duration), 1).astype(np.int64),
@@ -101,19 +106,8 @@ def blend(performance: midi.Notes, score: midi.Notes, x: float) -> midi.Notes:
 
 
 def score_pedal(performance: midi.Notes, score: midi.Notes) -> tuple[np.ndarray, np.ndarray]:
-    """The score's CC64 events moved onto the performance's clock (piecewise linear through
-    the first note of each score onset)."""
-    if not len(score.pedal_ms):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    s_on, first = np.unique(score.onset, return_index=True)
-    p_on = np.maximum.accumulate(performance.onset[first]).astype(np.float64)
-    if len(s_on) == 1:
-        when = p_on[0] + (score.pedal_ms - s_on[0])
-    else:
-        when = np.interp(score.pedal_ms, s_on, p_on)
-        slope = (p_on[-1] - p_on[-2]) / max(s_on[-1] - s_on[-2], 1)  # extend the last piece
-        late = score.pedal_ms > s_on[-1]
-        when[late] = p_on[-1] + slope * (score.pedal_ms[late] - s_on[-1])
+    """The score's CC64 events moved onto the performance's clock."""
+    when = performance_times(performance, score, score.pedal_ms)
     return np.maximum(np.rint(when), 0).astype(np.int64), score.pedal_value.copy()
 
 

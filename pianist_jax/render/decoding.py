@@ -20,11 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pianist_jax.tokenizer import TOKENS_PER_NOTE
+from pianist_jax.tokenizer import SLOT_KIND, TOKENS_PER_NOTE
 
 KINDS = ("ioi", "velocity", "duration", "pedal")
-# token slot -> kind (slot 0, the pitch, is forced to the score's and never sampled)
-SLOT_KIND = (None, "ioi", "velocity", "duration", "pedal", "pedal", "pedal", "pedal")
 PAPER = {"temperature": dict.fromkeys(KINDS, 1.0), "top_p": dict.fromkeys(KINDS, 0.95)}
 FILE = "decoding.json"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pianist_jax import midi
+from pianist_jax.render import controls
 
 FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 DEFAULT_BEAT_MS = 500  # no beat map: a beat every 500 ms of score time (quarter = 120 BPM)
@@ -29,8 +30,7 @@ def _beat_map(
     performance: midi.Notes, score: midi.Notes, beats_ms: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score beats inside the score's onset range and their performance times (ms)."""
-    score_on, first = np.unique(np.asarray(score.onset), return_index=True)
-    perf_on = np.maximum.accumulate(np.asarray(performance.onset, dtype=np.float64)[first])
+    score_on = np.unique(np.asarray(score.onset))
     if len(score_on) < 2:
         return np.zeros(0), np.zeros(0)
     if beats_ms is None:
@@ -38,7 +38,7 @@ def _beat_map(
     else:
         beats = np.unique(np.asarray(beats_ms, dtype=np.float64))
         beats = beats[(beats >= score_on[0]) & (beats <= score_on[-1])]
-    return beats, np.interp(beats, score_on.astype(np.float64), perf_on)
+    return beats, controls.performance_times(performance, score, beats)
 
 
 def performed_beat_bpm(
@@ -128,7 +128,7 @@ def _draw_pedal(ax, perf: midi.Notes, total_s: float) -> None:
     ax.step(t, v / 127.0, where="post", color="tab:blue", linewidth=0.5)
     ax.set_ylim(0, 1.05)
     ax.set_yticks([])
-    ax.set_ylabel("pedal", rotation=0, ha="right", va="center")
+    ax.set_ylabel("pedal")
 
 
 def _draw_tempo(ax, performance, score, beats_ms) -> None:
