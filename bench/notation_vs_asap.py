@@ -71,12 +71,19 @@ def main(argv=None) -> int:
             )
             print(f"{name[:55]:55s} {line}", flush=True)
     ok = [r for _, r in rows if "error" not in r]
-    same = sum(r["ours"] == r["asap"] for r in ok)
+    pitch = np.array([r["pitch"] for r in ok])
+    onset = np.array([r["onset"] for r in ok])
+    more = np.array([r["asap"] - r["ours"] for r in ok])
     print(
-        f"\n{len(ok)}/{len(rows)} pieces read; equal note count in {same}; "
-        f"mean pitch agreement {np.mean([r['pitch'] for r in ok]):.3f}, "
-        f"mean (pitch, onset) agreement {np.mean([r['onset'] for r in ok]):.3f}; "
-        f"(pitch, onset) >= 0.99 in {sum(r['onset'] >= 0.99 for r in ok)} pieces"
+        f"\nread without error: {len(ok)} / {len(rows)}\n"
+        f"same note count: {int((more == 0).sum())}\n"
+        f"pitch agreement >= 0.99 / >= 0.95: {(pitch >= 0.99).sum()} / {(pitch >= 0.95).sum()}\n"
+        f"(pitch, onset) agreement >= 0.99 / >= 0.95: "
+        f"{(onset >= 0.99).sum()} / {(onset >= 0.95).sum()}\n"
+        f"mean pitch / (pitch, onset) agreement: {pitch.mean():.3f} / {onset.mean():.3f}\n"
+        f"ASAP has more notes / the same / fewer: {(more > 0).sum()} / {(more == 0).sum()} / "
+        f"{(more < 0).sum()} (median difference "
+        f"{np.median([abs(m) / r['asap'] for m, r in zip(more, ok)]):.1%})"
     )
     if args.out:
         with open(args.out, "w") as f:

@@ -12,7 +12,6 @@ global state is touched).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -233,9 +232,9 @@ def plot_performance(
     fig.suptitle(f"{name} - {len(performance):,} notes, {minutes}:{seconds:02d}", fontsize=12)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")  # the user's umask, like the MIDI
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             fig.savefig(fh, format=fmt)
         os.replace(tmp, out)
     except BaseException:
