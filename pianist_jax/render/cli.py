@@ -274,17 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="X",
         help="0 = the score exactly as notated, 1 = the model's performance (default), in "
-        "between = timing, velocity, duration and pedal blended note by note, >1 = exaggerated",
+        "between = timing, velocity, duration and pedal blended note by note, up to 4 = "
+        "exaggerated",
     )
     shape.add_argument(
-        "--tempo", type=float, default=1.0, metavar="X", help="play X times as fast (rubato kept)"
+        "--tempo",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="play X times as fast (0.25-4; rubato kept)",
     )
     shape.add_argument(
         "--dynamics",
         type=float,
         default=1.0,
         metavar="X",
-        help="scale loudness contrasts (velocity around the piece's mean) by X",
+        help="scale loudness contrasts (velocity around the piece's mean) by X (0-4)",
     )
     shape.add_argument(
         "--pedal",
