@@ -541,10 +541,10 @@ def check_renders_example(model_dir, out_path):
     """Render the example score with `model_dir` (None: the bundled default) and check that the
     output has exactly the score's notes and some expression."""
     from pianist_jax import midi
-    from pianist_jax.render import renderer as render
+    from pianist_jax.render import cli
 
     argv = [str(EXAMPLE), "-o", str(out_path), "--no-progress"]
-    assert render.main(argv + (["--model", str(model_dir)] if model_dir else [])) == 0
+    assert cli.main(argv + (["--model", str(model_dir)] if model_dir else [])) == 0
     score, perf = midi.read_midi(EXAMPLE), midi.read_midi(out_path)
     assert len(perf.pitch) == len(score.pitch)
     assert sorted(perf.pitch.tolist()) == sorted(score.pitch.tolist())
