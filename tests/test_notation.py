@@ -224,3 +224,40 @@ def test_printed_dynamics_and_sound_dynamics_combine(tmp_path):
     ]
     notes = read(write(tmp_path, "d.musicxml", ("Piano", ms)))
     assert notes.velocity.tolist() == [33, 112]  # pp from its text, ff from <sound> (124.44%)
+
+
+KERN = (
+    "**kern\t**kern\n*staff2\t*staff1\n*clefF4\t*clefG2\n*M4/4\t*M4/4\n=1-\t=1-\n"
+    "1C\t4c\n.\t4e\n.\t4g\n.\t4cc\n=\t=\n2G\t2dd\n2GG\t2b\n==\t==\n*-\t*-\n"
+)
+MEI_NOTES = "".join(
+    f'<note xml:id="n{i}" pname="{p}" oct="4" dur="{d}"/>'
+    for i, (p, d) in enumerate([("c", 4), ("e", 4), ("g", 2)])
+)
+MEI = (
+    '<?xml version="1.0" encoding="UTF-8"?>'
+    '<mei xmlns="http://www.music-encoding.org/ns/mei" meiversion="4.0.1">'
+    "<meiHead><fileDesc><titleStmt><title>t</title></titleStmt><pubStmt/></fileDesc></meiHead>"
+    '<music><body><mdiv xml:id="md"><score>'
+    '<scoreDef xml:id="sc" meter.count="4" meter.unit="4" key.sig="0"><staffGrp xml:id="sg">'
+    '<staffDef xml:id="sd" n="1" lines="5" clef.shape="G" clef.line="2"/></staffGrp></scoreDef>'
+    '<section xml:id="se"><measure xml:id="m1" n="1"><staff xml:id="st" n="1">'
+    f'<layer xml:id="l" n="1">{MEI_NOTES}</layer></staff></measure></section>'
+    "</score></mdiv></body></music></mei>"
+)
+
+
+@pytest.mark.parametrize(
+    "name, text, pitches, onsets",
+    [
+        ("two_hands.krn", KERN, ["C3", "C4", "E4", "G4", "C5", "G3", "D5", "G2", "B4"],
+         [0, 0, 500, 1000, 1500, 2000, 2000, 3000, 3000]),
+        ("arpeggio.mei", MEI, ["C4", "E4", "G4"], [0, 500, 1000]),
+    ],
+)  # fmt: skip
+def test_humdrum_and_mei_scores(tmp_path, name, text, pitches, onsets):
+    path = tmp_path / name
+    path.write_text(text)
+    notes = read(str(path))
+    assert notes.pitch.tolist() == [midi_pitch(p) for p in pitches]
+    assert notes.onset.tolist() == onsets
