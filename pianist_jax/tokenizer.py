@@ -26,6 +26,7 @@ MIN_RENDER_IOI_MS = 5  # a rendering keeps IOI >= 5 ms where the score's IOI is 
 SLOT_NAMES = ("pitch", "ioi", "velocity", "duration", "pedal1", "pedal2", "pedal3", "pedal4")
 # token slot -> kind, as sampling settings and model switches name them (the pitch has none)
 SLOT_KIND = (None, "ioi", "velocity", "duration", "pedal", "pedal", "pedal", "pedal")
+assert len(SLOT_NAMES) == len(SLOT_KIND) == TOKENS_PER_NOTE
 PITCH, IOI, VELOCITY, DURATION = 0, 1, 2, 3
 # Valid id range [lo, hi) of each slot: clamp when encoding, mask when sampling.
 SLOT_RANGES = np.array(

@@ -174,7 +174,8 @@ def _grace_onsets(notes) -> tuple[np.ndarray, np.ndarray]:
     return onset, duration
 
 
-def _played_part(pt, part, unfold: bool):
+def _played_part(pt, part, unfold: bool) -> tuple[PlayedScore, float]:
+    """One part on its own timeline (quarters) and where its first bar starts."""
     if unfold:
         part = pt.score.unfold_part_maximal(part, update_ids=True, ignore_leaps=False)
     notes = part.note_array(include_grace_notes=True)
@@ -196,7 +197,10 @@ def _played_part(pt, part, unfold: bool):
     vel = _velocities(pt, part, notes["onset_quarter"].astype(np.float64))
     measures = list(part.iter_all(pt.score.Measure))
     first_bar = float(qmap(measures[0].start.t)) if measures else 0.0
-    return onset, duration, notes["pitch"].astype(np.int64), vel, tempos, sigs, pedal, first_bar
+    played = PlayedScore(
+        onset, duration, notes["pitch"].astype(np.int64), vel, tempos, sigs, pedal, [_name(part)]
+    )
+    return played, first_bar
 
 
 def read_notation(path, *, unfold: bool = True) -> PlayedScore:
@@ -220,26 +224,29 @@ def read_notation(path, *, unfold: bool = True) -> PlayedScore:
     skipped = [_name(p) for p in parts if p not in played]
     for name in skipped:
         warnings.warn(f"{path}: skipped part {name}: not a keyboard part", NotationWarning)
-    cols = [[] for _ in range(8)]
+    got = []
     for part in played:
         try:
             with _quiet():
-                got = _played_part(pt, part, unfold)
+                got.append(_played_part(pt, part, unfold))
         except Exception as err:  # noqa: BLE001 - partitura raises many types on odd scores
             text = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise NotationError(path, f"cannot read part {_name(part)}: {text}") from err
-        for col, value in zip(cols, got):
-            col.append(value)
-    onset, duration = np.concatenate(cols[0]), np.concatenate(cols[1])
+    each = [p for p, _ in got]
+    onset = np.concatenate([p.onset for p in each])
     if not len(onset):
         raise NotationError(path, "the score has no notes")
     # time 0 is where the first bar starts (leading rests kept, as in ASAP's score MIDIs); grace
     # notes before it are played from it, on the beat
-    origin = min(cols[7])
+    origin = min(bar for _, bar in got)
     early = onset < origin
     if early.any():
         onset[early] += origin - onset[early].min()
-    tempos = sorted({(max(t - origin, 0.0), q) for part in cols[4] for t, q in part})
+
+    def shifted(events) -> list:
+        return sorted({(max(e[0] - origin, 0.0), *e[1:]) for e in events})
+
+    tempos = shifted(t for p in each for t in p.tempos)
     if not tempos:
         warnings.warn(
             f"{path}: the score gives no tempo; reading it at {DEFAULT_QPM:g} quarter notes "
@@ -250,12 +257,12 @@ def read_notation(path, *, unfold: bool = True) -> PlayedScore:
         tempos.insert(0, (0.0, tempos[0][1] if tempos else DEFAULT_QPM))
     return PlayedScore(
         onset=onset - origin,
-        duration=np.maximum(duration, 0.0),
-        pitch=np.concatenate(cols[2]),
-        velocity=np.concatenate(cols[3]),
+        duration=np.maximum(np.concatenate([p.duration for p in each]), 0.0),
+        pitch=np.concatenate([p.pitch for p in each]),
+        velocity=np.concatenate([p.velocity for p in each]),
         tempos=tempos,
-        time_signatures=sorted({(max(t - origin, 0.0), n, d) for s in cols[5] for t, n, d in s}),
-        pedal=sorted({(max(t - origin, 0.0), v) for s in cols[6] for t, v in s}),
+        time_signatures=shifted(s for p in each for s in p.time_signatures),
+        pedal=shifted(e for p in each for e in p.pedal),
         parts=[_name(p) for p in played],
         skipped=skipped,
     )

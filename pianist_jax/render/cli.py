@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -26,7 +27,8 @@ from pianist_jax.render import audio, controls, decoding, plot
 from pianist_jax.render.renderer import Renderer, RenderError
 from pianist_jax.tokenizer import TOKENS_PER_NOTE
 
-SCORE_SUFFIXES = (".mid", ".midi", *sorted(notation.FORMATS))
+MIDI_SUFFIXES = (".mid", ".midi", ".kar", ".smf")
+SCORE_SUFFIXES = (*MIDI_SUFFIXES, *sorted(notation.FORMATS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +40,9 @@ class Score:
     ids: np.ndarray
     midi_bytes: bytes
 
+    @functools.cached_property
     def beats_ms(self) -> np.ndarray:
-        """The score's quarter-note beats in ms (the tempo panel's grid)."""
+        """The score's quarter-note beats in ms (the tempo panel's grid; once per score)."""
         tpb, ev = midi.read_events(self.path, self.midi_bytes)
         ticks = np.arange(0, ev.max_tick, tpb)
         return 1000.0 * midi.tick_to_seconds(ticks, ev.tempo_changes, tpb, ev.max_tick)
@@ -52,7 +55,7 @@ def read_score(path: Path, unfold: bool = True) -> Score:
     try:
         if notation.is_notation(path):
             data = notation.score_midi_bytes(path, unfold=unfold)
-        elif suffix in (".mid", ".midi", ".kar", ".smf") or not suffix:
+        elif suffix in MIDI_SUFFIXES or not suffix:
             data = path.read_bytes()
         else:
             hint = " (MuseScore: File > Export > MusicXML)" if suffix in (".mscz", ".mscx") else ""
@@ -206,7 +209,7 @@ def render_files(args) -> tuple[str, list[str]]:
                 out.with_suffix(".score.mid").write_bytes(score.midi_bytes)
             if plot_paths:
                 plot.plot_performance(
-                    notes, score.notes, plot_paths[n], score_beats_ms=score.beats_ms()
+                    notes, score.notes, plot_paths[n], score_beats_ms=score.beats_ms
                 )
             if audio_paths and not no_synth:
                 try:

@@ -122,22 +122,19 @@ def apply(performance: midi.Notes, score: midi.Notes, controls: Controls) -> mid
     if controls.dynamics != 1:
         mean = velocity.mean()
         velocity = np.clip(np.rint(mean + controls.dynamics * (velocity - mean)), 1, 127)
-    onset, offset, pedal_ms = notes.onset, notes.offset, notes.pedal_ms
     if controls.tempo != 1:
         onset = np.rint(notes.onset / controls.tempo).astype(np.int64)
-        offset = np.maximum(np.rint(notes.offset / controls.tempo).astype(np.int64), onset + 1)
-        pedal_ms = np.rint(notes.pedal_ms / controls.tempo).astype(np.int64)
-    pedal_value = notes.pedal_value
-    notes = dataclasses.replace(
-        notes,
-        onset=onset,
-        offset=offset,
-        velocity=velocity.astype(np.int64),
-        pedal_ms=pedal_ms,
-        pedal_value=pedal_value,
-    )
+        notes = dataclasses.replace(
+            notes,
+            onset=onset,
+            offset=np.maximum(np.rint(notes.offset / controls.tempo).astype(np.int64), onset + 1),
+            pedal_ms=np.rint(notes.pedal_ms / controls.tempo).astype(np.int64),
+        )
+    pedal_ms, pedal_value = notes.pedal_ms, notes.pedal_value
     if controls.pedal == "none":
         pedal_ms, pedal_value = np.zeros(0, np.int64), np.zeros(0, np.int64)
     elif controls.pedal == "score":
         pedal_ms, pedal_value = score_pedal(notes, score)
-    return dataclasses.replace(notes, pedal_ms=pedal_ms, pedal_value=pedal_value)
+    return dataclasses.replace(
+        notes, velocity=velocity.astype(np.int64), pedal_ms=pedal_ms, pedal_value=pedal_value
+    )

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pianist_jax.tokenizer import SLOT_KIND, TOKENS_PER_NOTE
+from pianist_jax.tokenizer import SLOT_KIND
 
 KINDS = ("ioi", "velocity", "duration", "pedal")
 PAPER = {"temperature": dict.fromkeys(KINDS, 1.0), "top_p": dict.fromkeys(KINDS, 0.95)}
@@ -107,6 +107,3 @@ def describe(settings: dict) -> str:
         f"{name} " + ", ".join(f"{k} {settings[name][k]:g}" for k in KINDS)
         for name in ("temperature", "top_p")
     )
-
-
-assert len(SLOT_KIND) == TOKENS_PER_NOTE
