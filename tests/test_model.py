@@ -219,3 +219,37 @@ def test_unread_inputs_are_read_as_mask(batch):
     assert not np.allclose(model(enc, dec.at[:, 2].set(dec[:, 2] + 7)), full)  # IOI is read
     with pytest.raises(ConfigError, match="unknown kinds"):
         tiny_cfg(unread_inputs=("loudness",))
+
+
+def test_value_embedding_shares_rows_between_neighbouring_values(batch):
+    """With ``value_embedding`` every time, velocity and pedal row gets a projection of its
+    value's features: neighbouring time values (795 and 800 ms) end up closer than distant ones
+    (795 and 100 ms) whatever their own rows are; pitch rows are untouched; cached decoding
+    still equals the full forward pass; the switch off has no extra parameter."""
+    from pianist_jax.model import value_embedding
+
+    enc, dec = batch
+    model = perturbed_model(tiny_cfg(value_embedding=True))
+    dec_model = model.model.decoder
+    full = model(enc, dec)
+    states, mask = model.encode(enc)
+    cache = model.init_cache(states, max_length=dec.shape[1])
+    first, cache = model.decode(dec[:, :17], states, mask, cache=cache)
+    rest, cache = model.decode(dec[:, 17:], states, mask, cache=cache)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=2e-5, rtol=1e-5)
+    proj = jax.random.normal(jax.random.key(3), dec_model.value_proj.shape) * 10.0
+    dec_model.value_proj[...] = proj
+    table = np.asarray(dec_model.table(jnp.float32))
+    rows = np.asarray(dec_model.embed_tokens[...])
+    added = table - rows
+    t = tokenizer.TIME_START
+    near = np.linalg.norm(added[t + 795] - added[t + 800])
+    far = np.linalg.norm(added[t + 795] - added[t + 100])
+    assert near < 0.1 * far
+    np.testing.assert_array_equal(added[tokenizer.PITCH_START : tokenizer.VELOCITY_START], 0.0)
+    feats = np.asarray(value_embedding.features(tiny_cfg().vocab_size))
+    assert feats.shape[1] == value_embedding.NUM_FEATURES
+    assert np.all(np.abs(np.linalg.norm(feats[tokenizer.VELOCITY_START :], axis=1) - 1) < 0.35)
+    assert param_count(tiny_cfg(value_embedding=True)) == param_count(tiny_cfg()) + 2 * (
+        value_embedding.NUM_FEATURES * tiny_cfg().hidden
+    )

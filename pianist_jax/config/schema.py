@@ -70,6 +70,13 @@ class ModelConfig:
     # its own samples cannot feed back (a drifting loudness, a pedal that stays down); those
     # slots then follow the score and the timing. () = the reference architecture.
     unread_inputs: tuple[str, ...] = ()
+    # Every velocity, time (IOI, duration) and pedal id's embedding row also gets a learned
+    # projection of smooth features of its value (Fourier features of the velocity, of log
+    # milliseconds), in the encoder's table and the decoder's tied one. Plain embeddings learn
+    # each of the 5,000 time ids on its own: one that fine-tuning rarely or never sees (a
+    # 795 ms rest) stays random, so the model cannot read it nor draw it and shortens long
+    # gaps. false = the reference architecture (reference weights).
+    value_embedding: bool = False
     dtype: DType = "bfloat16"  # activations / matmuls
     param_dtype: DType = "float32"  # stored parameters and optimizer state
 
@@ -276,6 +283,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("embed", "fsdp"),  # model width: parameters fully sharded over fsdp
     ("slot", None),  # the 8 token slots of the note compression
     ("slot_embed", None),  # hidden / 8: one slot's share of a note vector
+    ("value_features", None),  # model.value_embedding's features of an id's value
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", "tensor"),  # key/value heads (grouped-query attention)

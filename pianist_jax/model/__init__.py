@@ -28,6 +28,7 @@ from flax import nnx
 
 from pianist_jax.config import load_config
 from pianist_jax.config.schema import SLOTS_PER_NOTE, ModelConfig
+from pianist_jax.model import value_embedding
 from pianist_jax.model.layers import (
     DecoderLayer,
     EncoderLayer,
@@ -70,6 +71,7 @@ class Encoder(nnx.Module):
             rngs, (s, h, cfg.slot_dim), ("slot", "embed", "slot_embed"), pd, 1.0 / math.sqrt(h)
         )
         self.slot_bias = logical_param(rngs, (s, cfg.slot_dim), ("slot", "slot_embed"), pd)
+        self.value_proj = value_embedding.projection(cfg, rngs)
         self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.encoder_layers)])
         self.norm = RMSNorm(h, param_dtype=pd, rngs=rngs)
         self.cfg = cfg
@@ -81,7 +83,7 @@ class Encoder(nnx.Module):
             raise ValueError(f"encoder ids length {length} is not a multiple of {SLOTS_PER_NOTE}")
         notes = ids.reshape(b, length // SLOTS_PER_NOTE, SLOTS_PER_NOTE)
         note_mask = jnp.any(notes != PAD, axis=-1)
-        table = use_weight(self.word_embeddings, dtype)
+        table = value_embedding.table(self.word_embeddings, self.value_proj, dtype)
         emb = jnp.take(table, notes, axis=0)  # [B, N, 8, H]
         x = jnp.einsum("bnsh,shd->bnsd", emb, use_weight(self.slot_kernel, dtype))
         x = x + self.slot_bias[...].astype(dtype)
@@ -106,6 +108,7 @@ class Decoder(nnx.Module):
         self.embed_tokens = logical_param(
             rngs, (cfg.vocab_size, h), ("vocab", "embed"), pd, 1.0 / math.sqrt(h)
         )
+        self.value_proj = value_embedding.projection(cfg, rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.decoder_layers)])
         self.norm = RMSNorm(h, param_dtype=pd, rngs=rngs)
         self.cfg = cfg
@@ -113,6 +116,11 @@ class Decoder(nnx.Module):
     def cross_kv(self, enc_states: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
         """Per-layer cross-attention keys/values: computed once per encoded window."""
         return [layer.cross_attn.keys_values(enc_states, None) for layer in self.layers]
+
+    def table(self, dtype) -> jax.Array:
+        """The tied input/output embedding table in ``dtype`` (with ``value_embedding``: plus
+        the projection of each id's value features)."""
+        return value_embedding.table(self.embed_tokens, self.value_proj, dtype)
 
     def project(self, x: jax.Array, table: jax.Array) -> jax.Array:
         """Final states ``[..., H]`` times embedding rows ``table [V, H]`` -> soft-capped float32
@@ -124,11 +132,11 @@ class Decoder(nnx.Module):
         self, ids: jax.Array, positions: jax.Array, note_states=None, table=None
     ) -> jax.Array:
         """Input states of ``ids [B, T]`` at token ``positions [T]``: the scaled embedding
-        (rows of ``table``, default the stored one), plus (``note_conditioning``) the encoder
+        (rows of ``table``, default `table`), plus (``note_conditioning``) the encoder
         state of note ``position // 8`` from ``note_states [B, N, H]``; tokens of the
         ``unread_inputs`` kinds are read as MASK."""
         cfg, dtype = self.cfg, self.cfg.dtype
-        table = self.embed_tokens[...] if table is None else table
+        table = self.table(dtype) if table is None else table
         if cfg.unread_inputs:  # input p holds token p - 1; position 0 (BOS) is always read
             slots = [s for s, kind in enumerate(SLOT_KIND) if kind in cfg.unread_inputs]
             unread = jnp.isin((positions - 1) % SLOTS_PER_NOTE, jnp.asarray(slots))
@@ -145,7 +153,7 @@ class Decoder(nnx.Module):
 
     def hidden(self, ids, cross_kv, enc_mask, note_states=None):
         """Final-norm'd states ``[B, T, H]`` (compute dtype) of a whole block and the
-        embedding table as used in matmuls (compute dtype, `use_weight`)."""
+        embedding table as used in matmuls (compute dtype, `table`)."""
         cfg, dtype = self.cfg, self.cfg.dtype
         b, t = ids.shape
         q_pos = jnp.arange(t)
@@ -154,7 +162,7 @@ class Decoder(nnx.Module):
         sliding = window_mask(q_pos, q_pos, cfg.sliding_window, causal=True)[None] & real
         cross_mask = enc_mask[:, None, :]
         positions = jnp.broadcast_to(q_pos, (b, t))
-        table = use_weight(self.embed_tokens, dtype)
+        table = self.table(dtype)
         x = constrain(self.embed(ids, q_pos, note_states, table), "batch", "length", None)
         for i, layer in enumerate(self.layers):
             window = cfg.sliding_window if is_sliding(i) else None
@@ -190,7 +198,7 @@ class Decoder(nnx.Module):
             rope = rope_tables(positions[None], cfg.head_dim, cfg.rope_theta, cfg.dtype)
         else:
             rope = tuple(jax.lax.dynamic_slice_in_dim(r, index, t, axis=1) for r in rope)
-        x = self.embed(ids, positions, note_states, use_weight(self.embed_tokens, cfg.dtype))
+        x = self.embed(ids, positions, note_states, self.table(cfg.dtype))
         new = []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -229,7 +237,7 @@ class PianistTransformer(nnx.Module):
         (from `init_cache`) the tokens are placed at ``cache["index"]`` through
         `Decoder.step` and ``(logits, new_cache)`` is returned."""
         decoder = self.decoder
-        table = use_weight(decoder.embed_tokens, self.cfg.dtype)
+        table = decoder.table(self.cfg.dtype)
         if vocab_slice is not None:
             table = table[vocab_slice[0] : vocab_slice[1]]
         if cache is None:

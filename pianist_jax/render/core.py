@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pianist_jax.model.layers import rope_tables, use_weight
+from pianist_jax.model.layers import rope_tables
 from pianist_jax.tokenizer import (
     BOS,
     PEDAL_START,
@@ -117,7 +117,7 @@ def make_window_fn(
         states, enc_mask = model.encode(enc_ids)
         cache = model.init_cache(states, tokens)  # empty self-attention + cross K/V, once
         full, cross, cross_mask = cache["layers"], cache["cross"], enc_mask[:, None, :]
-        table = use_weight(dec.embed_tokens, cfg.dtype)
+        table = dec.table(cfg.dtype)
         out_tables = {kind: table[lo : lo + n] for kind, (lo, n) in TABLES.items()}
         uniforms = _uniforms(row_keys, first_note, notes)  # [B, notes, 8], drawn up front
         rope = rope_tables(jnp.arange(tokens)[None], cfg.head_dim, cfg.rope_theta, cfg.dtype)
