@@ -4,6 +4,7 @@
 #
 #   launch/train_default.sh [--work-dir out/default] [--seed 0] [--pretrain-steps N]
 #       [--sft-steps N] [--eval-seeds "0 1 2"] [--install] [--smoke] [--dry-run] [options]
+#   launch/train_default.sh --profile gpu ...   # the same chain sized for one GPU
 #
 # Stages, in order (WORK = --work-dir; commands with --dry-run):
 #   data-sft        data_prep.build_sft: ASAP -> WORK/sft_data (train/val shards, split.json,
@@ -11,8 +12,9 @@
 #   pretrain-files  data_prep.pretrain_files: ASAP *training* performances + POP909 + GiantMIDI,
 #                   minus validation pieces and files whose content overlaps them
 #   tokenize        data_prep.tokenize --file-list ...: WORK/shards/pretrain (8 shards; shard 7 held out)
-#   pretrain        pianist_jax.train configs/default/pretrain.yaml -> WORK/runs/pretrain
-#   sft             pianist_jax.train configs/default/sft.yaml, init from the pre-trained params
+#   pretrain        pianist_jax.train configs/PROFILE/pretrain.yaml -> WORK/runs/pretrain
+#   sft             pianist_jax.train configs/PROFILE/sft.yaml, init from the pre-trained params
+#                   (PROFILE: default, or default_gpu with --profile gpu)
 #   export          pianist_jax.export -> WORK/export (float32; bfloat16 if it would exceed 30 MB)
 #   eval-set        pianist_jax.evaluate.eval_set: WORK/eval/{scores,human} (validation pieces)
 #   decoding        pianist_jax.evaluate.choose_decoding: per-slot temperature / top-p chosen on the
@@ -34,7 +36,11 @@
 # logs: WORK/logs/<stage>.log.
 #
 # Options:
-#   --work-dir DIR        outputs (default out/default; out/default-smoke with --smoke)
+#   --work-dir DIR        outputs (default out/default, out/default-gpu with --profile gpu;
+#                         out/default-smoke with --smoke)
+#   --profile cpu|gpu     cpu (default): configs/default/, the bundled model's recipe for 2 CPU
+#                         cores; gpu: configs/default_gpu/, a 4x wider model and 8x larger
+#                         batches for one GPU (bfloat16 export if float32 exceeds 30 MB)
 #   --seed N              training seed (params, data order, masking) of both stages (0)
 #   --split-seed N        ASAP train/validation split seed (0; changes the validation pieces)
 #   --pretrain-steps N    pre-training steps (config: 600); warmup becomes N/10
@@ -67,6 +73,7 @@ max_bytes=30000000  # the bundled model's size limit: 30 MB
 work="" seed=0 split_seed=0 pretrain_steps="" sft_steps="" eval_seeds="0 1 2" eval_pieces=""
 render_batch=8 export_dtype=auto workers="$(nproc 2>/dev/null || echo 2)" stop_after=""
 install=0 smoke=0 dry_run=0 pretrain_set=() sft_set=() sft_data_from="" no_pretrain=0
+profile=cpu
 cmdline="launch/train_default.sh$(printf ' %q' "$@")"
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -74,6 +81,7 @@ need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --work-dir) need "$@"; work="$2"; shift 2 ;;
+    --profile) need "$@"; profile="$2"; shift 2 ;;
     --seed) need "$@"; seed="$2"; shift 2 ;;
     --split-seed) need "$@"; split_seed="$2"; shift 2 ;;
     --pretrain-steps) need "$@"; pretrain_steps="$2"; shift 2 ;;
@@ -103,13 +111,19 @@ read -r -a seeds <<< "$eval_seeds"
 [[ ${#seeds[@]} -gt 0 ]] || die "--eval-seeds is empty"
 for s in "${seeds[@]}"; do [[ "$s" =~ ^[0-9]+$ ]] || die "bad --eval-seeds entry '$s'"; done
 case "$export_dtype" in auto | float32 | bfloat16) ;; *) die "--export-dtype: auto|float32|bfloat16" ;; esac
+case "$profile" in
+  cpu) configs=configs/default ;;
+  gpu) configs=configs/default_gpu ;;
+  *) die "--profile: cpu or gpu, got '$profile'" ;;
+esac
 if [[ $install == 1 && $smoke == 1 ]]; then
   die "--install with --smoke would bundle a smoke-test model; refused"
 fi
 
 if [[ -z "$work" ]]; then
   work="out/default"
-  [[ $smoke == 1 ]] && work="out/default-smoke"
+  [[ $profile == gpu ]] && work="out/default-gpu"
+  [[ $smoke == 1 ]] && work="$work-smoke"
   work="$repo/$work"
 elif [[ "$work" != /* ]]; then
   work="$PWD/$work"
@@ -314,7 +328,7 @@ else
   stop_here tokenize
 
   stage pretrain --clean "$work/runs/pretrain" -- \
-    "$py" -m pianist_jax.train --config configs/default/pretrain.yaml --no-progress \
+    "$py" -m pianist_jax.train --config "$configs/pretrain.yaml" --no-progress \
     "data.sources.0.path=$work/shards/pretrain/$shard_glob" \
     "data.eval_sources.0.path=$work/shards/pretrain/$held_out" \
     "train.output_dir=$work/runs/pretrain" "train.seed=$seed" "data.seed=$seed" \
@@ -326,7 +340,7 @@ fi
 sft_eval=("data.eval_sources.0.path=$work/sft_data/val")
 if sft_val_empty; then sft_eval=("data.eval_sources=[]"); fi  # --limit left no validation record
 stage sft --clean "$work/runs/sft" -- \
-  "$py" -m pianist_jax.train --config configs/default/sft.yaml --no-progress \
+  "$py" -m pianist_jax.train --config "$configs/sft.yaml" --no-progress \
   "data.sources.0.path=$work/sft_data/train" "${sft_eval[@]}" \
   "train.output_dir=$work/runs/sft" "$init_from" \
   "train.seed=$seed" "data.seed=$seed" "${sft_smoke[@]}" "${sft_steps_args[@]}" "${sft_set[@]}"

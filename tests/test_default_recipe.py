@@ -111,6 +111,7 @@ def test_bad_arguments_are_refused(tmp_path):
     assert dry_run("--bogus", check=False).returncode == 2
     assert dry_run("--pretrain-steps", "many", check=False).returncode == 2
     assert dry_run("--export-dtype", "int8", check=False).returncode == 2
+    assert dry_run("--profile", "tpu", check=False).returncode == 2
 
 
 def _train_configs(stages):
@@ -156,6 +157,29 @@ def test_dry_run_train_commands_build_valid_configs(tmp_path):
     assert Path(pre.data.eval_sources[0].path).name == names[7]
     smoke = _train_configs(stages_of(dry_run("--smoke", "--work-dir", str(work)).stdout))
     assert smoke["pretrain"].model.hidden == 64 and smoke["sft"].train.steps <= 10
+
+
+def test_gpu_profile_trains_the_wider_model_with_the_same_chain(tmp_path):
+    """``--profile gpu``: the same stages and data, configs/default_gpu (a wider model, larger
+    batches, the CPU model's switches), which exports under the size limit in bfloat16."""
+    from pianist_jax.artifacts import export
+
+    work = tmp_path / "g"
+    cpu = stages_of(dry_run("--work-dir", str(work)).stdout)
+    gpu = stages_of(dry_run("--profile", "gpu", "--work-dir", str(work)).stdout)
+    assert [s for s, _ in gpu] == [s for s, _ in cpu]
+    cfgs, base = _train_configs(gpu), _train_configs(cpu)
+    for name in ("pretrain", "sft"):
+        got, ref = cfgs[name], base[name]
+        assert got.model == load_config("configs/default_gpu/model.yaml").model
+        assert got.model.hidden > ref.model.hidden and got.train.batch_size > ref.train.batch_size
+        assert got.data == ref.data and got.train.output_dir == ref.train.output_dir
+        for switch in ("note_conditioning", "value_embedding", "slot_logits", "sliding_window"):
+            assert getattr(got.model, switch) == getattr(ref.model, switch)
+    n = sum(math.prod(s) for s in export.param_shapes(cfgs["sft"].model).values())
+    assert n * 2 <= MAX_BYTES < n * 4  # bfloat16 export
+    out = dry_run("--profile", "gpu", "--stop-after", "pretrain").stdout
+    assert "out/default-gpu/runs/pretrain" in out
 
 
 def test_default_model_fits_the_size_limit():

@@ -98,15 +98,20 @@ def test_plan_windows_cover_every_note_once():
         assert plan[-1].start + plan[-1].size >= n
 
 
-@pytest.mark.parametrize("switch", ["plain", "note_conditioning", "unread_inputs"])
+@pytest.mark.parametrize(
+    "switch", ["plain", "note_conditioning", "unread_inputs", "value_embedding"]
+)
 def test_greedy_window_equals_full_forward(tiny_model, switch):
     """Every sampled slot of a greedy (temperature 0) window, primed and with padded rows, is
     the argmax of the full model over that slot's valid range, fed the rendered tokens."""
     _, model = tiny_model
     if switch != "plain":
-        value = True if switch == "note_conditioning" else ("velocity", "pedal")
+        value = ("velocity", "pedal") if switch == "unread_inputs" else True
         cfg = dataclasses.replace(model.cfg, **{switch: value})
         model = PianistTransformer(cfg, rngs=nnx.Rngs(3))
+        if switch == "value_embedding":  # it starts at zero: give it weight
+            proj = model.decoder.value_proj
+            proj[...] = jax.random.normal(jax.random.key(4), proj.shape)
     gd, params = nnx.split(model)
     rng = np.random.default_rng(0)
     b, notes, prime = 2, 128, 38
