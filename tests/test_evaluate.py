@@ -267,3 +267,37 @@ def test_cli_bad_midi_is_skipped_or_fatal(tmp_path, dirs):
     r = _cli("--pred", p2, "--human", h2)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: nothing left")
+
+
+def test_per_piece_table_averages_the_seeds(tmp_path):
+    """``evaluate.per_piece``: one row per piece, each figure the mean over the metrics files
+    (seeds) that judged it; the ceiling column only where the piece has a ceiling."""
+    import json
+
+    from pianist_jax.evaluate import per_piece
+
+    def row(piece, v, ceiling):
+        figures = {"velocity_r": v, "tempo_r": 0.1, "articulation_r": 0.2}
+        return {
+            "piece": piece,
+            "n_notes": 1234,
+            "n_humans": 2 if ceiling else 1,
+            "prediction": {**figures, "pedal_agreement": 0.5, "pedal_down": 0.4},
+            "human_ceiling": {"velocity_r": 0.8} if ceiling else None,
+            "human_pedal_down": 0.3,
+        }
+
+    paths = []
+    for seed, v in enumerate((0.2, 0.4)):
+        path = tmp_path / f"seed{seed}.json"
+        path.write_text(
+            json.dumps({"notes": {"per_piece": [row("B", v, True), row("A", v, False)]}})
+        )
+        paths.append(path)
+    lines = per_piece.table(per_piece.load(paths)).splitlines()
+    assert lines[2] == "| A | 1,234 | 1 | 0.30 | 0.10 | 0.20 | 0.50 | 0.40 | 0.30 | - |"
+    assert lines[3] == "| B | 1,234 | 2 | 0.30 | 0.10 | 0.20 | 0.50 | 0.40 | 0.30 | 0.80 |"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match="not a note-level metrics.json"):
+        per_piece.load([bad])
