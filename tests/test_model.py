@@ -63,6 +63,18 @@ def perturbed_model(cfg, seed=0):
     return Jitted(model)
 
 
+def assert_cached_equals_full(model, enc, dec, split: int):
+    """Decoding ``dec`` in two cached calls (``split`` tokens, then the rest) gives the full
+    forward pass's logits; returns those."""
+    full = model(enc, dec)
+    states, mask = model.encode(enc)
+    cache = model.init_cache(states, max_length=dec.shape[1])
+    first, cache = model.decode(dec[:, :split], states, mask, cache=cache)
+    rest, cache = model.decode(dec[:, split:], states, mask, cache=cache)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=2e-5, rtol=1e-5)
+    return full
+
+
 def real_ids(n_notes, seed=0):
     ids = tokenizer.encode_notes(random_notes(n_notes, seed=seed))
     return np.asarray(ids, np.int32)
@@ -190,12 +202,7 @@ def test_note_conditioning_cache_equals_full_forward_and_uses_the_note(batch):
     score note changes the logits of that note's tokens most."""
     enc, dec = batch
     model = perturbed_model(tiny_cfg(note_conditioning=True))
-    full = model(enc, dec)
-    states, mask = model.encode(enc)
-    cache = model.init_cache(states, max_length=dec.shape[1])
-    first, cache = model.decode(dec[:, :33], states, mask, cache=cache)
-    rest, cache = model.decode(dec[:, 33:], states, mask, cache=cache)
-    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=2e-5, rtol=1e-5)
+    full = assert_cached_equals_full(model, enc, dec, 33)
     plain = perturbed_model(tiny_cfg())
     assert not np.allclose(plain(enc, dec), full)  # same parameters, the switch matters
     with pytest.raises(ValueError, match="note_states"):
@@ -207,12 +214,7 @@ def test_unread_inputs_are_read_as_mask(batch):
     them changes no logit, changing an earlier IOI does; cached decoding equals the full pass."""
     enc, dec = batch
     model = perturbed_model(tiny_cfg(unread_inputs=("velocity", "pedal")))
-    full = model(enc, dec)
-    states, mask = model.encode(enc)
-    cache = model.init_cache(states, max_length=dec.shape[1])
-    first, cache = model.decode(dec[:, :21], states, mask, cache=cache)
-    rest, cache = model.decode(dec[:, 21:], states, mask, cache=cache)
-    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=2e-5, rtol=1e-5)
+    full = assert_cached_equals_full(model, enc, dec, 21)
     # decoder input p holds token p - 1: velocity of note 0 is input 3, pedal inputs 5..8
     hidden = dec.at[:, 3].set(dec[:, 3] + 7).at[:, 5:9].set(dec[:, 5:9] + 3)
     np.testing.assert_array_equal(model(enc, hidden), full)
@@ -231,12 +233,7 @@ def test_value_embedding_shares_rows_between_neighbouring_values(batch):
     enc, dec = batch
     model = perturbed_model(tiny_cfg(value_embedding=True))
     dec_model = model.model.decoder
-    full = model(enc, dec)
-    states, mask = model.encode(enc)
-    cache = model.init_cache(states, max_length=dec.shape[1])
-    first, cache = model.decode(dec[:, :17], states, mask, cache=cache)
-    rest, cache = model.decode(dec[:, 17:], states, mask, cache=cache)
-    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=2e-5, rtol=1e-5)
+    assert_cached_equals_full(model, enc, dec, 17)
     proj = jax.random.normal(jax.random.key(3), dec_model.value_proj.shape) * 10.0
     dec_model.value_proj[...] = proj
     table = np.asarray(dec_model.table(jnp.float32))
