@@ -35,8 +35,8 @@ def load(paths: list[Path]) -> dict[str, list[dict]]:
     return rows
 
 
-def _fmt(value, digits=2) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+def _fmt(value) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def table(rows: dict[str, list[dict]]) -> str:

@@ -180,6 +180,7 @@ class Decoder(nnx.Module):
         note_states=None,
         rope=None,
         last_only: bool = False,
+        table=None,
     ):
         """Cached decoding of ``ids [B, T]`` at positions ``index .. index + T - 1``: the one
         decoding step that `PianistTransformer.decode` and the renderer share.
@@ -189,7 +190,8 @@ class Decoder(nnx.Module):
         encoder's keys and values in the same layout (`cross_cache`) and ``cross_mask
         [B, 1, N]``; ``rope``: the rotary tables of every position (`rope_tables`), made once
         by a loop, else computed here; ``last_only``: the last layer computes the last
-        token's outputs only. Returns final-norm'd states ``[B, T (1 if last_only), H]`` and
+        token's outputs only; ``table``: the embedding table (`table`), made once by a loop,
+        else here. Returns final-norm'd states ``[B, T (1 if last_only), H]`` and
         the new caches."""
         cfg = self.cfg
         t = ids.shape[1]
@@ -198,7 +200,8 @@ class Decoder(nnx.Module):
             rope = rope_tables(positions[None], cfg.head_dim, cfg.rope_theta, cfg.dtype)
         else:
             rope = tuple(jax.lax.dynamic_slice_in_dim(r, index, t, axis=1) for r in rope)
-        x = self.embed(ids, positions, note_states, self.table(cfg.dtype))
+        table = self.table(cfg.dtype) if table is None else table
+        x = self.embed(ids, positions, note_states, table)
         new = []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -237,24 +240,26 @@ class PianistTransformer(nnx.Module):
         (from `init_cache`) the tokens are placed at ``cache["index"]`` through
         `Decoder.step` and ``(logits, new_cache)`` is returned."""
         decoder = self.decoder
-        table = decoder.table(self.cfg.dtype)
+        ids = jnp.asarray(decoder_ids)
+        if cache is None:
+            x, table = decoder.hidden(ids, decoder.cross_kv(enc_states), enc_mask, enc_states)
+        else:
+            table = decoder.table(self.cfg.dtype)
+            x, layers = decoder.step(
+                ids,
+                cache["index"],
+                cache["layers"],
+                cache["cross"],
+                enc_mask[:, None, :],
+                enc_states,
+                table=table,
+            )
         if vocab_slice is not None:
             table = table[vocab_slice[0] : vocab_slice[1]]
+        logits = decoder.project(x, table)
         if cache is None:
-            x, _ = decoder.hidden(
-                jnp.asarray(decoder_ids), decoder.cross_kv(enc_states), enc_mask, enc_states
-            )
-            return decoder.project(x, table)
-        x, layers = decoder.step(
-            jnp.asarray(decoder_ids),
-            cache["index"],
-            cache["layers"],
-            cache["cross"],
-            enc_mask[:, None, :],
-            enc_states,
-        )
-        new = {**cache, "index": cache["index"] + x.shape[1], "layers": layers}
-        return decoder.project(x, table), new
+            return logits
+        return logits, {**cache, "index": cache["index"] + x.shape[1], "layers": layers}
 
     def init_cache(self, enc_states: jax.Array, max_length: int, dtype=None) -> dict:
         """Empty self-attention caches of ``max_length`` tokens in `cache_layout` + the

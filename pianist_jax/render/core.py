@@ -124,7 +124,9 @@ def make_window_fn(
 
         def step(ids, pos, caches):
             """The model's decoding step, last token's final state ``[B, H]``."""
-            x, caches = dec.step(ids, pos, caches, cross, cross_mask, states, rope, last_only=True)
+            x, caches = dec.step(
+                ids, pos, caches, cross, cross_mask, states, rope, last_only=True, table=table
+            )
             return x[:, -1], caches
 
         def pick(x, note_index, slot: int):
