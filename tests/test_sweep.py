@@ -16,10 +16,10 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from pianist_jax import midi, tokenizer
-from pianist_jax.config import CONFIG_ROOT, config_from_cli
+from pianist_jax.config import CONFIG_ROOT, config_from_cli, load_config
 from pianist_jax.data import records
 from pianist_jax.scaling import sweep
-from pianist_jax.scaling.fit import fit_power_law, write_report
+from pianist_jax.scaling.fit import fit_power_law, fit_rows, summary_table, write_report
 
 SWEEPS = sorted((CONFIG_ROOT / "sweeps").glob("*.yaml"))
 CORPUS = 36_830_040  # tokens in shards 0-6 of launch/tokenize_shared.sh (no shards needed here)
@@ -80,8 +80,12 @@ def test_every_sweep_yaml_loads_and_plans(path):
         assert point.cfg.train.steps == point.steps >= 1
         assert point.cfg.train.output_dir == point.output_dir
         assert point.cfg.train.warmup_steps <= point.steps
-        assert point.tokens >= point.budget * (spec.corpus_tokens or CORPUS)
-    assert {"cpu.yaml", "paper.yaml"} <= {p.name for p in SWEEPS}
+        if spec.budget_unit == "flops":
+            flops = sweep.size_info(point.cfg)["flops_per_token"] * point.tokens
+            assert flops >= point.budget
+        else:
+            assert point.tokens >= point.budget * (spec.corpus_tokens or CORPUS)
+    assert {"cpu.yaml", "paper.yaml", "recipe.yaml"} <= {p.name for p in SWEEPS}
 
 
 def test_cpu_sweep_is_cpu_sized():
@@ -108,6 +112,32 @@ def test_paper_sweep_sizes():
     assert max(p.steps for p in points) == 40_000  # budget 1.0 = the paper's full run
 
 
+def test_recipe_sweep_is_iso_flop_around_the_default_model():
+    """Each width trains for the default recipe's pre-training compute (to within one step), and
+    the default width's point is that stage exactly: the sweep compares widths at its budget."""
+    spec = sweep.load_sweep(CONFIG_ROOT / "sweeps" / "recipe.yaml")
+    assert spec.budget_unit == "flops" and len(spec.budgets) == 1
+    points = sweep.plan(spec, CORPUS)
+    recipe = load_config(CONFIG_ROOT / "default" / "pretrain.yaml")
+    widths = {p.cfg.model.hidden: p for p in points}
+    assert min(widths) < recipe.model.hidden < max(widths)
+    assert widths[recipe.model.hidden].steps == recipe.train.steps
+    assert widths[recipe.model.hidden].cfg.model == recipe.model
+    for point in points:
+        per_step = sweep.size_info(point.cfg)["flops_per_token"] * point.tokens / point.steps
+        assert 0 <= per_step * point.steps - spec.budgets[0] < per_step
+        assert point.cfg.data == recipe.data and point.cfg.train.lr == recipe.train.lr
+
+
+def test_summary_names_the_lowest_loss_per_budget():
+    rows = [
+        dict(name=s, size=s, budget=1e13, eval_loss=loss, tokens=t, params=n, status="ok")
+        for s, loss, n, t in (("h96", 2.6, 2, 3e6), ("h128", 2.5, 3, 2e6), ("h192", 2.7, 6, 1e6))
+    ]
+    text = summary_table(rows, "t", "params", fit_rows(rows, "params"), budget_unit="flops")
+    assert "training FLOPs" in text and "lowest loss at budget 1e+13: h128 (2.5000)" in text
+
+
 @pytest.mark.parametrize(
     "text, match",
     [
@@ -121,6 +151,10 @@ def test_paper_sweep_sizes():
         ),
         ("name: x\noutput_dir: o\nsizes: {a: {}}\nbudgets: [0]\n", "budgets > 0"),
         ("name: x\noutput_dir: o\nsizes: {a: {}}\nbudgets: [0.1]\nmode: run\n", "mode must be"),
+        (
+            "name: x\noutput_dir: o\nsizes: {a: {}}\nbudgets: [1e12]\nbudget_unit: flop\n",
+            "budget_unit must be",
+        ),
     ],
 )
 def test_bad_sweep_specs(tmp_path, text, match):

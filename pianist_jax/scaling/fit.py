@@ -332,10 +332,12 @@ def write_report(
     *,
     name: str,
     params: str = "non_embedding",
+    budget_unit: str = "corpus",
     out: typing.TextIO | None = None,
 ) -> dict:
     """results.csv/json, fit.json, the two plots and summary.md in out_dir; returns the fits.
-    ``params`` ("non_embedding" or "total") picks the N of L(N)."""
+    ``params`` ("non_embedding" or "total") picks the N of L(N); ``budget_unit`` ("corpus" or
+    "flops") says what the budgets count."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "results.csv").open("w", newline="") as f:
@@ -353,22 +355,26 @@ def write_report(
     }
     if ok:
         plot_scaling(ok, plot_fits, out_dir, params_key=params_key)
-    summary = summary_table(rows, name, params_key, fits)
+    summary = summary_table(rows, name, params_key, fits, budget_unit)
     (out_dir / "summary.md").write_text(summary)
     if out is not None:
         out.write(summary)
     return fits
 
 
-def summary_table(rows: list[dict], name: str, params_key: str, fits: dict) -> str:
-    """Markdown: the loss grid (sizes x budgets) and the fitted laws."""
+def summary_table(
+    rows: list[dict], name: str, params_key: str, fits: dict, budget_unit: str = "corpus"
+) -> str:
+    """Markdown: the loss grid (sizes x budgets), the best size per budget (at a FLOP budget:
+    the compute-optimal size among those tried) and the fitted laws."""
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     budgets = sorted({r["budget"] for r in rows})
     cell = {(r["size"], r["budget"]): r for r in rows}
     lines = [
         (
             f"## sweep {name}: final validation loss (rows: size, columns: budget = "
-            f"fraction of the corpus; tokens seen in brackets)"
+            + ("training FLOPs" if budget_unit == "flops" else "fraction of the corpus")
+            + "; tokens seen in brackets)"
         ),
         "",
         "| size | "
@@ -391,6 +397,11 @@ def summary_table(rows: list[dict], name: str, params_key: str, fits: dict) -> s
             vals.append(f"{loss} ({r['tokens'] / 1e6:.3g}M)" if r else "-")
         lines.append(f"| {size} | {first[params_key]:,} | " + " | ".join(vals) + " |")
     lines.append("")
+    for b in budgets:
+        done = [r for r in rows if r["budget"] == b and r.get("eval_loss") is not None]
+        if done:
+            best = min(done, key=lambda r: r["eval_loss"])
+            lines.append(f"- lowest loss at budget {b:g}: {best['size']} ({best['eval_loss']:.4f})")
     for key, sym, exp, coef in (("L_N", "N", "alpha", "A"), ("L_D", "D", "beta", "B")):
         f = fits.get(key, {})
         if f.get("ok"):

@@ -64,7 +64,8 @@ class SweepSpec:
     name: str
     output_dir: str
     sizes: tuple[tuple[str, tuple[str, ...]], ...]  # (size name, dotted overrides)
-    budgets: tuple[float, ...]  # fractions of the training corpus's tokens
+    budgets: tuple[float, ...]  # fractions of the training corpus's tokens, or FLOPs
+    budget_unit: Literal["corpus", "flops"] = "corpus"  # flops: an iso-FLOP sweep
     base: str = "configs/pretrain.yaml"
     overrides: tuple[str, ...] = ()  # dotted run-config overrides for every point
     warmup_fraction: float = 0.05  # train.warmup_steps = round(this x steps)
@@ -140,7 +141,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
         train_flags=tuple(str(f) for f in raw.get("train_flags") or ()),
     )
     hints = typing.get_type_hints(SweepSpec)
-    for key in ("mode", "launcher", "params"):
+    for key in ("mode", "launcher", "params", "budget_unit"):
         if key in kwargs and kwargs[key] not in typing.get_args(hints[key]):
             raise SweepError(f"{path}: {key} must be one of {typing.get_args(hints[key])}")
     if "name" not in raw or "output_dir" not in raw:
@@ -175,8 +176,13 @@ def plan(spec: SweepSpec, corpus_tokens: int) -> list[Point]:
             raise SweepError(f"size {size}: {err}") from None
         per_step = cfg.train.batch_size * cfg.data.block_size
         for budget in spec.budgets:
-            steps = max(1, math.ceil(budget * corpus_tokens / per_step))
-            name = f"{size}-d{budget:g}"
+            if spec.budget_unit == "flops":  # every size spends the same compute
+                flops_per_step = model.flops_per_token(cfg.model, cfg.data.block_size) * per_step
+                steps = max(1, math.ceil(budget / flops_per_step))
+                name = f"{size}-c{budget:.3g}"
+            else:
+                steps = max(1, math.ceil(budget * corpus_tokens / per_step))
+                name = f"{size}-d{budget:g}"
             out = f"{spec.output_dir.rstrip('/')}/{name}"
             ovr = (
                 *spec.overrides,
@@ -496,7 +502,14 @@ def main(
             file=sys.stderr,
         )
         return 130
-    write_report(rows, spec.output_dir, name=spec.name, params=spec.params, out=out)
+    write_report(
+        rows,
+        spec.output_dir,
+        name=spec.name,
+        params=spec.params,
+        budget_unit=spec.budget_unit,
+        out=out,
+    )
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
