@@ -8,7 +8,9 @@
 A sweep YAML (configs/sweeps/) names a run config (`base`), dotted overrides for every point, the
 sizes (name -> dotted overrides) and the budgets. **A budget is a fraction of the training
 corpus's tokens**: the point trains on D = budget x corpus tokens, ``steps = ceil(D / (batch x
-block))``, with its own warmup (``warmup_fraction``) and decay to its last step. The data is one
+block))``, with its own warmup (``warmup_fraction``) and decay to its last step. With
+``budget_unit: flops`` a budget is training FLOPs instead, and each size takes the steps that
+spend it (an iso-FLOP sweep: a smaller model sees more tokens). The data is one
 pass over the seeded piece shuffle, so each point sees a distinct-piece subset of size D (a
 prefix of the larger budgets'), as L(D) assumes; cutting the corpus instead would repeat data
 (a data-constrained regime). Corpus tokens come from the training shards' manifests (else
