@@ -43,10 +43,16 @@ def test_choose_writes_the_best_setting(tmp_path, monkeypatch):
     _piece(ev / "scores" / "p.mid", 60, 0, jitter=False)
     for k in (1, 2):
         _piece(ev / "human" / f"p-{k}.mid", 60, k, jitter=True)
-    monkeypatch.setattr(choose_decoding, "CANDIDATES", (("pedal", ((1.0, 1.0),)),))
+    candidates = (("pedal", ((1.0, 1.0, None),)), ("velocity", ((0.0, 1.0, 2.0),)))
+    monkeypatch.setattr(choose_decoding, "CANDIDATES", candidates)
     assert choose_decoding.main([str(model_dir), str(ev), "--write", "--max-notes", "40"]) == 0
     choices = json.loads((ev / "decoding" / "choices.json").read_text())
-    assert [t["label"] for t in choices["tried"]] == ["paper (1.0 / 0.95)", "pedal 1 / 1"]
+    assert [t["label"] for t in choices["tried"]] == [
+        "paper (1.0 / 0.95)",
+        "pedal 1 / 1",
+        "velocity 0 / 1, dynamics 2",
+    ]
     best = max(choices["tried"], key=lambda t: t["objective"])
     saved = decoding.load(model_dir)
     assert saved["top_p"] == best["settings"]["top_p"] and "choose_decoding" in saved["chosen_by"]
+    assert saved["dynamics"] == best["settings"]["dynamics"]

@@ -428,3 +428,28 @@ def test_decoding_defaults_per_slot_and_overrides(tiny_model, tmp_path, capsys):
     assert len(err) == 1 and "unknown slot kind" in err[0]
     with pytest.raises(decoding.DecodingError, match="top_p for pedal"):
         decoding.check({"top_p": {"pedal": 0}})
+    with pytest.raises(decoding.DecodingError, match="dynamics must be"):
+        decoding.check({"dynamics": 5})
+
+
+def test_the_models_dynamics_default_and_its_override(tiny_model, tmp_path):
+    """decoding.json's dynamics is --dynamics's default for that model; the flag overrides."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model[0], model_dir)
+    score = make_score(tmp_path / "s.mid", 40)
+    greedy = {"temperature": dict.fromkeys(decoding.KINDS, 0.0)}
+    outs = {}
+    for name, dynamics, flags in (
+        ("plain", 1.0, []),
+        ("model", 2.0, []),
+        ("flag", 1.0, ["--dynamics", "2"]),
+        ("back", 2.0, ["--dynamics", "1"]),
+    ):
+        decoding.save(model_dir, {**greedy, "dynamics": dynamics}, chosen_by="test")
+        out = tmp_path / f"{name}.mid"
+        assert run_cli((model_dir, None), score, "-o", out, *flags) == 0
+        outs[name] = midi.read_midi(out)
+    assert np.array_equal(outs["model"].velocity, outs["flag"].velocity)
+    assert np.array_equal(outs["plain"].velocity, outs["back"].velocity)
+    assert outs["model"].velocity.std() > 1.5 * outs["plain"].velocity.std()
+    assert "dynamics 2" in decoding.describe(decoding.load(model_dir))

@@ -109,6 +109,22 @@ def test_tempo_dynamics_and_pedal_controls():
         controls.apply(perf, dataclasses.replace(score, pitch=score.pitch + 1), controls.Controls())
 
 
+def test_more_dynamics_keeps_every_note_in_order_and_leaves_no_gaps():
+    """Scaling integer velocities by 2 alone would give only every other value; the fill
+    keeps the histogram smooth without moving any note past one that was louder."""
+    velocity = np.random.default_rng(0).integers(50, 80, 5000)
+    for d in (1.5, 1.75, 2.0, 3.0):
+        out = controls.scale_dynamics(velocity, d)
+        assert abs(out.mean() - velocity.mean()) < 0.5
+        assert abs(out.std() / velocity.std() - d) < 0.05 * d
+        loud, soft = velocity[:, None] > velocity[None, :], out[:, None] > out[None, :]
+        assert soft[loud].all()  # a louder note stays louder
+        lo, hi = np.percentile(out, [5, 95]).astype(int)
+        assert set(range(lo, hi + 1)) <= set(out.tolist()), d  # no gaps
+    assert controls.scale_dynamics(velocity, 1.0).tolist() == velocity.tolist()
+    assert controls.scale_dynamics(np.array([120, 10]), 4.0).tolist() == [127, 1]
+
+
 @pytest.mark.skipif(not has_synth(), reason="needs fluidsynth and a General MIDI SoundFont")
 def test_audio_and_plot_with_variants(tiny_model, tmp_path):
     path = write(tmp_path, "piece.musicxml", ("Piano", repeat_piece()))

@@ -23,6 +23,7 @@ defaults for that model; every candidate's figures go to ``WORK/choices.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,15 +33,17 @@ import numpy as np
 
 from pianist_jax import midi, tokenizer
 from pianist_jax.evaluate import histograms as evaluate
-from pianist_jax.render import decoding
+from pianist_jax.render import controls, decoding
 from pianist_jax.render import renderer as render
 
-# (slot kind, [(temperature, top_p), ...]) in search order
+# (slot kind, [(temperature, top_p, dynamics or None to keep it), ...]) in search order. The
+# most likely velocity (temperature 0) is tried with its contrast scaled back up
+# (`pianist_jax.render.controls.scale_dynamics`).
 CANDIDATES = (
-    ("pedal", ((1.0, 1.0), (0.7, 1.0))),
-    ("velocity", ((0.8, 0.95), (0.6, 0.95))),
-    ("ioi", ((0.8, 0.95),)),
-    ("duration", ((0.8, 0.95),)),
+    ("pedal", ((1.0, 1.0, None), (0.7, 1.0, None))),
+    ("velocity", ((0.8, 0.95, 1.0), (0.6, 0.95, 1.0), (0.0, 1.0, 1.5), (0.0, 1.0, 1.75))),
+    ("ioi", ((0.8, 0.95, None),)),
+    ("duration", ((0.8, 0.95, None),)),
 )
 
 
@@ -88,7 +91,10 @@ def trial(
                 top_p=settings["top_p"],
             )
             for name, perf in zip(chunk, ids):
-                midi.write_midi(tokenizer.decode_ids(perf, scores[name]), pred / f"{name}.mid")
+                notes = tokenizer.decode_ids(perf, scores[name])
+                velocity = controls.scale_dynamics(notes.velocity, settings["dynamics"])
+                notes = dataclasses.replace(notes, velocity=velocity)
+                midi.write_midi(notes, pred / f"{name}.mid")
         metrics = evaluate.evaluate_dirs(
             pred, eval_dir / "human", out=False, scores=eval_dir / "scores", log=lambda _: None
         )
@@ -134,9 +140,10 @@ def choose(
 
     best_res = run(best, "paper (1.0 / 0.95)")
     for kind, options in CANDIDATES:
-        for temperature, top_p in options:
-            settings = decoding.override(best, {kind: temperature}, {kind: top_p})
-            res = run(settings, f"{kind} {temperature:g} / {top_p:g}")
+        for temperature, top_p, dynamics in options:
+            settings = decoding.override(best, {kind: temperature}, {kind: top_p}, dynamics)
+            label = f"{kind} {temperature:g} / {top_p:g}"
+            res = run(settings, label if dynamics is None else f"{label}, dynamics {dynamics:g}")
             if res["objective"] > best_res["objective"]:
                 best, best_res = settings, res
     return best, tried

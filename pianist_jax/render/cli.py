@@ -167,7 +167,8 @@ def render_files(args) -> tuple[str, list[str]]:
     audio_paths = _companion(args.audio, flat, audio.FORMATS, "audio")
     plot_paths = _companion(args.plot, flat, plot.FORMATS, "plot")
     try:
-        ctrl = controls.Controls(args.expressiveness, args.tempo, args.dynamics, args.pedal)
+        dynamics = 1.0 if args.dynamics is None else args.dynamics
+        ctrl = controls.Controls(args.expressiveness, args.tempo, dynamics, args.pedal)
     except ValueError as err:
         raise RenderError(str(err)) from err
     scores = [read_score(p, unfold=not args.no_unfold) for p in paths]
@@ -176,6 +177,8 @@ def render_files(args) -> tuple[str, list[str]]:
         args.model, dtype=args.dtype, window=args.window_notes, shift=args.shift_notes
     )
     load = time.perf_counter() - t0
+    if args.dynamics is None:  # the model's own default (its decoding.json)
+        ctrl = dataclasses.replace(ctrl, dynamics=renderer.decoding["dynamics"])
     try:
         temperature, top_p = decoding.parse(args.temperature), decoding.parse(args.top_p)
     except decoding.DecodingError as err:
@@ -290,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument(
         "--dynamics",
         type=float,
-        default=1.0,
+        default=None,
         metavar="X",
-        help="scale loudness contrasts (velocity around the piece's mean) by X (0-4)",
+        help="scale loudness contrasts (velocity around the piece's mean) by X (0-4; default: "
+        "the model's decoding.json, else 1)",
     )
     shape.add_argument(
         "--pedal",

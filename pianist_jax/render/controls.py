@@ -9,7 +9,10 @@ note-aligned (note i of the rendering performs score note i, in the score's orde
   Timing interpolates each inter-onset interval geometrically around the performance's
   overall tempo, so x = 0.5 keeps half the rubato, not half a tempo change.
 - tempo t: the performance t times as fast (rubato kept).
-- dynamics d: velocity deviations from the piece's mean scaled by d.
+- dynamics d: velocity deviations from the piece's mean scaled by d. Scaled integers leave
+  gaps (d = 2 gives only every other value), so for d > 1 each note is also moved by up to
+  (d - 1) / 2 by a fixed low-discrepancy sequence over the notes: the velocity histogram stays
+  smooth, the result is deterministic, and no note moves past a neighbour value's range.
 - pedal: the model's, none, or the score's own (its pedal marks, placed on the performance's
   clock). Under `expressiveness` the pedal's depth interpolates too, so where the score has no
   pedal the model's (binary) pedal is kept from x = 0.5 up.
@@ -44,6 +47,19 @@ class Controls:
     @property
     def identity(self) -> bool:
         return (self.expressiveness, self.tempo, self.dynamics, self.pedal) == (1, 1, 1, "model")
+
+
+GOLDEN = (5**0.5 - 1) / 2
+
+
+def scale_dynamics(velocity: np.ndarray, d: float) -> np.ndarray:
+    """Velocities (int64, 1-127) with their deviations from the mean scaled by ``d``."""
+    velocity = np.asarray(velocity, np.float64)
+    if d == 1 or not len(velocity):
+        return np.clip(np.rint(velocity), 1, 127).astype(np.int64)
+    mean = velocity.mean()
+    fill = max(d - 1, 0) * ((np.arange(len(velocity)) * GOLDEN) % 1.0 - 0.5)
+    return np.clip(np.rint(mean + d * (velocity - mean) + fill), 1, 127).astype(np.int64)
 
 
 def _iois(onset: np.ndarray) -> np.ndarray:
@@ -118,10 +134,7 @@ def apply(performance: midi.Notes, score: midi.Notes, controls: Controls) -> mid
     if controls.identity:
         return performance
     notes = blend(performance, score, controls.expressiveness)
-    velocity = notes.velocity
-    if controls.dynamics != 1:
-        mean = velocity.mean()
-        velocity = np.clip(np.rint(mean + controls.dynamics * (velocity - mean)), 1, 127)
+    velocity = scale_dynamics(notes.velocity, controls.dynamics)
     if controls.tempo != 1:
         onset = np.rint(notes.onset / controls.tempo).astype(np.int64)
         notes = dataclasses.replace(
@@ -135,6 +148,4 @@ def apply(performance: midi.Notes, score: midi.Notes, controls: Controls) -> mid
         pedal_ms, pedal_value = np.zeros(0, np.int64), np.zeros(0, np.int64)
     elif controls.pedal == "score":
         pedal_ms, pedal_value = score_pedal(notes, score)
-    return dataclasses.replace(
-        notes, velocity=velocity.astype(np.int64), pedal_ms=pedal_ms, pedal_value=pedal_value
-    )
+    return dataclasses.replace(notes, velocity=velocity, pedal_ms=pedal_ms, pedal_value=pedal_value)

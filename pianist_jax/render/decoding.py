@@ -1,16 +1,22 @@
-"""Sampling settings per token slot: temperature and top-p for IOI, velocity, duration, pedal.
+"""Decoding settings: temperature and top-p per token slot (IOI, velocity, duration, pedal),
+and the loudness contrast the rendered velocities are scaled by.
 
 The paper samples every slot at temperature 1.0 and top-p 0.95. One setting for all slots is a
 poor fit: top-p 0.95 on the pedal's near-binary choice removes a lift whenever the model gives
 it under 5%, so a pedal once down tends to stay down. An exported model may therefore carry
 its own defaults, chosen on validation pieces, in ``decoding.json`` next to its weights:
 
-    {"temperature": {"ioi": 1.0, "velocity": 0.9, "duration": 1.0, "pedal": 1.0},
+    {"temperature": {"ioi": 1.0, "velocity": 0.0, "duration": 1.0, "pedal": 1.0},
      "top_p": {"ioi": 0.95, "velocity": 0.95, "duration": 0.95, "pedal": 1.0},
-     "chosen_by": "..."}
+     "dynamics": 1.75, "chosen_by": "..."}
+
+``dynamics`` (default 1.0) is `render --dynamics`'s default for the model. A model's most
+likely velocity per note (temperature 0) follows the score best, but it is a mode-seeking
+choice with a narrower spread than any pianist's; scaling each piece's velocities around their
+mean restores the contrast without moving any note relative to another.
 
 Command-line values override them: a number for every slot (``--top-p 0.9``) or
-``kind=value`` pairs for some (``--top-p pedal=1.0,velocity=0.9``).
+``kind=value`` pairs for some (``--top-p pedal=1.0,velocity=0.9``); ``--dynamics X``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pianist_jax.tokenizer import SLOT_KIND
 
 KINDS = ("ioi", "velocity", "duration", "pedal")
 PAPER = {"temperature": dict.fromkeys(KINDS, 1.0), "top_p": dict.fromkeys(KINDS, 0.95)}
+MAX_DYNAMICS = 4.0
 FILE = "decoding.json"
 
 
@@ -32,8 +39,12 @@ class DecodingError(ValueError):
 
 
 def check(settings: dict) -> dict:
-    """``{"temperature": {kind: v}, "top_p": {kind: v}}`` with every kind, values in range."""
-    out = {}
+    """``{"temperature": {kind: v}, "top_p": {kind: v}, "dynamics": d}`` with every kind,
+    values in range."""
+    dynamics = settings.get("dynamics", 1.0)
+    if not isinstance(dynamics, (int, float)) or not 0 <= dynamics <= MAX_DYNAMICS:
+        raise DecodingError(f"dynamics must be a number in [0, {MAX_DYNAMICS:g}], got {dynamics!r}")
+    out = {"dynamics": float(dynamics)}
     for name, lo_ok in (("temperature", lambda v: v >= 0), ("top_p", lambda v: 0 < v <= 1)):
         values = settings.get(name, {})
         if not isinstance(values, dict):
@@ -87,12 +98,18 @@ def parse(text: str | None) -> dict[str, float]:
         ) from err
 
 
-def override(defaults: dict, temperature: dict | None = None, top_p: dict | None = None) -> dict:
-    """Defaults with some kinds replaced (checked)."""
+def override(
+    defaults: dict,
+    temperature: dict | None = None,
+    top_p: dict | None = None,
+    dynamics: float | None = None,
+) -> dict:
+    """Defaults with some kinds (and the dynamics, unless None) replaced (checked)."""
     return check(
         {
             "temperature": {**defaults["temperature"], **(temperature or {})},
             "top_p": {**defaults["top_p"], **(top_p or {})},
+            "dynamics": defaults.get("dynamics", 1.0) if dynamics is None else dynamics,
         }
     )
 
@@ -103,7 +120,9 @@ def per_slot(values: dict[str, float]) -> np.ndarray:
 
 
 def describe(settings: dict) -> str:
-    return "; ".join(
+    text = "; ".join(
         f"{name} " + ", ".join(f"{k} {settings[name][k]:g}" for k in KINDS)
         for name in ("temperature", "top_p")
     )
+    dynamics = settings.get("dynamics", 1.0)
+    return text if dynamics == 1 else f"{text}; dynamics {dynamics:g}"
