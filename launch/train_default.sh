@@ -31,8 +31,8 @@
 # Resuming: a stage whose command already finished (WORK/stamps/<stage>.done holds its command)
 # is skipped; an interrupted stage is rerun with the same command and picks up where it stopped
 # (tokenize skips finished shards, training resumes from its newest checkpoint). A stage whose
-# command changed (other steps, seed, overrides) starts over from an empty output, and every
-# stage after a stage that ran is redone. Wall times: WORK/times.json (per stage and total),
+# command changed (other steps, seed, overrides; for the trainings also an edited config file)
+# starts over from an empty output, and every stage after a stage that ran is redone. Wall times: WORK/times.json (per stage and total),
 # logs: WORK/logs/<stage>.log.
 #
 # Options:
@@ -175,16 +175,19 @@ record_time() {  # record_time STAGE SECONDS STATUS
 }
 elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }'; }
 
-# stage NAME [--clean PATH]... [--mkdir DIR]... [--show TEXT] -- COMMAND...
-# --clean: removed when the stage starts over; --show: what --dry-run prints for a shell function
+# stage NAME [--clean PATH]... [--mkdir DIR]... [--show TEXT] [--config] -- COMMAND...
+# --clean: removed when the stage starts over; --show: what --dry-run prints for a shell function;
+# --config: COMMAND takes --print-config, and the config it resolves joins the stage's key, so
+# editing a config file (not only the command) redoes the stage
 stage() {
-  local name="$1" clean=() mkdirs=() show=""
+  local name="$1" clean=() mkdirs=() show="" config=0
   shift
   while [[ "$1" != "--" ]]; do
     case "$1" in
       --clean) clean+=("$2"); shift 2 ;;
       --mkdir) mkdirs+=("$2"); shift 2 ;;
       --show) show="$2"; shift 2 ;;
+      --config) config=1; shift ;;
       *) die "internal: stage $name: bad option $1" ;;
     esac
   done
@@ -196,6 +199,9 @@ stage() {
     return 0
   fi
   key="$cmd| after $prev_id"
+  if [[ $config == 1 ]]; then
+    key+="| config $("$@" --print-config | cksum)" || die "$name: cannot resolve its config"
+  fi
   local stamps="$work/stamps"
   mkdir -p "$stamps" "$work/logs"
   if [[ -f "$stamps/$name.done" && "$(head -n 1 "$stamps/$name.done")" == "$key" ]]; then
@@ -327,7 +333,7 @@ else
     --output "$work/shards/pretrain" --num-shards "$num_shards" --workers "$workers" --no-progress
   stop_here tokenize
 
-  stage pretrain --clean "$work/runs/pretrain" -- \
+  stage pretrain --clean "$work/runs/pretrain" --config -- \
     "$py" -m pianist_jax.train --config "$configs/pretrain.yaml" --no-progress \
     "data.sources.0.path=$work/shards/pretrain/$shard_glob" \
     "data.eval_sources.0.path=$work/shards/pretrain/$held_out" \
@@ -339,7 +345,7 @@ fi
 
 sft_eval=("data.eval_sources.0.path=$work/sft_data/val")
 if sft_val_empty; then sft_eval=("data.eval_sources=[]"); fi  # --limit left no validation record
-stage sft --clean "$work/runs/sft" -- \
+stage sft --clean "$work/runs/sft" --config -- \
   "$py" -m pianist_jax.train --config "$configs/sft.yaml" --no-progress \
   "data.sources.0.path=$work/sft_data/train" "${sft_eval[@]}" \
   "train.output_dir=$work/runs/sft" "$init_from" \

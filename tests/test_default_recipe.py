@@ -691,9 +691,10 @@ def test_wheel_renders_and_resolves_configs_outside_the_repository(tmp_path):
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 # Stands in for python: model_card, -c and - snippets run for real; every other command is
 # recorded in $CALLS and fakes its outputs. FAIL=<module> fails it, PREEMPT=1 fakes a trainer
-# stopped by a signal (exit 0, "(preempted)" in its log).
+# stopped by a signal (exit 0, "(preempted)" in its log); --print-config prints $CONFIG.
 case "$1" in -c | -) exec "$REAL_PY" "$@" ;; esac
 [[ "$2" == pianist_jax.artifacts.model_card ]] && exec "$REAL_PY" "$@"
+[[ " $* " == *" --print-config "* ]] && { cat "$CONFIG"; exit 0; }
 module="$2"; shift 2
 echo "$module $*" >> "$CALLS"
 prev=""
@@ -729,7 +730,8 @@ def fake_run(tmp_path):
     fake = tmp_path / "fakepy"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
-    work, calls = tmp_path / "work", tmp_path / "calls"
+    work, calls, config = tmp_path / "work", tmp_path / "calls", tmp_path / "config.yaml"
+    config.write_text("model: {hidden: 128}\n")
 
     def run(*args, env=None, check=True):
         calls.unlink(missing_ok=True)
@@ -746,6 +748,7 @@ def fake_run(tmp_path):
                 "PYTHON": str(fake),
                 "REAL_PY": sys.executable,
                 "CALLS": str(calls),
+                "CONFIG": str(config),
                 **(env or {}),
             },
         )
@@ -786,6 +789,10 @@ def test_stage_runner_skips_resumes_and_redoes(fake_run):
     assert "train.steps=7" in lines[0]
     assert (work / "runs" / "sft" / "attempts").read_text() == "run\n"
     assert (work / "runs" / "pretrain" / "attempts").read_text() == "run\n"
+    # an edited config file (the same command) redoes both trainings
+    (work.parent / "config.yaml").write_text("model: {hidden: 96}\n")
+    _, modules, _ = run("--eval-seeds", "0", "--sft-steps", "7", "--stop-after", "sft")
+    assert modules == ["pianist_jax.train", "pianist_jax.train"]
 
 
 def test_stage_runner_failure_and_preemption(fake_run):
