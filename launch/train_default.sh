@@ -32,8 +32,8 @@
 # is skipped; an interrupted stage is rerun with the same command and picks up where it stopped
 # (tokenize skips finished shards, training resumes from its newest checkpoint). A stage whose
 # command changed (other steps, seed, overrides; for the trainings also an edited config file)
-# starts over from an empty output, and every stage after a stage that ran is redone. Wall times: WORK/times.json (per stage and total),
-# logs: WORK/logs/<stage>.log.
+# starts over from an empty output, and every stage after a stage that ran is redone. Wall
+# times: WORK/times.json (per stage and total), logs: WORK/logs/<stage>.log.
 #
 # Options:
 #   --work-dir DIR        outputs (default out/default, out/default-gpu with --profile gpu;
