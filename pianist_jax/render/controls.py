@@ -27,6 +27,7 @@ import numpy as np
 from pianist_jax import midi, tokenizer
 
 PEDAL_CHOICES = ("model", "none", "score")
+RANGES = {"expressiveness": (0, 4), "tempo": (0.25, 4), "dynamics": (0, 4)}  # inclusive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Controls:
     pedal: str = "model"
 
     def __post_init__(self):
-        for name, lo, hi in (("expressiveness", 0, 4), ("tempo", 0.25, 4), ("dynamics", 0, 4)):
+        for name, (lo, hi) in RANGES.items():
             value = getattr(self, name)
             if not lo <= value <= hi:  # also rejects NaN
                 raise ValueError(f"{name} must be between {lo} and {hi}, not {value}")

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pianist_jax.render.controls import RANGES
 from pianist_jax.tokenizer import SLOT_KIND
 
 KINDS = ("ioi", "velocity", "duration", "pedal")
 PAPER = {"temperature": dict.fromkeys(KINDS, 1.0), "top_p": dict.fromkeys(KINDS, 0.95)}
-MAX_DYNAMICS = 4.0
 FILE = "decoding.json"
 
 
@@ -41,9 +41,9 @@ class DecodingError(ValueError):
 def check(settings: dict) -> dict:
     """``{"temperature": {kind: v}, "top_p": {kind: v}, "dynamics": d}`` with every kind,
     values in range."""
-    dynamics = settings.get("dynamics", 1.0)
-    if not isinstance(dynamics, (int, float)) or not 0 <= dynamics <= MAX_DYNAMICS:
-        raise DecodingError(f"dynamics must be a number in [0, {MAX_DYNAMICS:g}], got {dynamics!r}")
+    dynamics, (lo, hi) = settings.get("dynamics", 1.0), RANGES["dynamics"]
+    if not isinstance(dynamics, (int, float)) or not lo <= dynamics <= hi:
+        raise DecodingError(f"dynamics must be a number in [{lo}, {hi}], got {dynamics!r}")
     out = {"dynamics": float(dynamics)}
     for name, lo_ok in (("temperature", lambda v: v >= 0), ("top_p", lambda v: 0 < v <= 1)):
         values = settings.get(name, {})
